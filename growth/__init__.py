@@ -1,0 +1,48 @@
+"""growth: a differentiable Fisher-Kolmogorov glioma growth model in JAX.
+
+Arrays and voxel spacing in, arrays out: no files, no patients. Units: mm, days,
+D in mm^2/day, rho in 1/day, density c in [0, 1].
+"""
+
+from growth.diffusion import (
+    FaceCoefficients,
+    diffusion_operator,
+    face_coefficients,
+    harmonic_mean,
+    tissue_diffusivity,
+)
+from growth.grid import Grid, stability_limit, stable_time_step
+from growth.imaging import soft_visible_masks, visible_masks
+from growth.seed import GaussianSeed
+from growth.solver import (
+    FKArgs,
+    FKParams,
+    FKSimulator,
+    LogisticSplitEuler,
+    check_time_step,
+    fk_rhs,
+    logistic_flow,
+    solve_fk,
+)
+
+__all__ = [
+    "Grid",
+    "stability_limit",
+    "stable_time_step",
+    "FaceCoefficients",
+    "tissue_diffusivity",
+    "harmonic_mean",
+    "face_coefficients",
+    "diffusion_operator",
+    "GaussianSeed",
+    "visible_masks",
+    "soft_visible_masks",
+    "FKParams",
+    "FKArgs",
+    "FKSimulator",
+    "LogisticSplitEuler",
+    "logistic_flow",
+    "fk_rhs",
+    "check_time_step",
+    "solve_fk",
+]
