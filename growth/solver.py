@@ -236,16 +236,32 @@ class FKSimulator(eqx.Module):
         c0 = self.seed(self.grid, origin_mm, self.wm.dtype)
         return jnp.where(self.wm + self.gm > 0, c0, 0.0)
 
-    @eqx.filter_jit
     def __call__(self, params: FKParams, origin_mm, t_final, save_times=None) -> Array:
-        """Density after `t_final` days from a seed at `origin_mm` (grid mm, 3 values)."""
-        faces = face_coefficients(self.diffusivity(params), self.grid)
-        return solve_fk(
-            self.initial_density(origin_mm),
-            faces,
-            params.rho,
-            t_final,
-            dt=self.dt,
-            max_steps=self.max_steps,
-            save_times=save_times,
+        """Density after `t_final` days from a seed at `origin_mm` (grid mm, 3 values).
+
+        Python numbers are turned into arrays first, so new values never recompile.
+        With `save_times` (days), returns the densities at those times, stacked.
+        """
+        dtype = self.wm.dtype
+        as_array = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+        return _simulate(
+            self,
+            jax.tree.map(as_array, params),
+            as_array(origin_mm),
+            as_array(t_final),
+            None if save_times is None else as_array(save_times),
         )
+
+
+@eqx.filter_jit
+def _simulate(sim: FKSimulator, params: FKParams, origin_mm, t_final, save_times):
+    faces = face_coefficients(sim.diffusivity(params), sim.grid)
+    return solve_fk(
+        sim.initial_density(origin_mm),
+        faces,
+        params.rho,
+        t_final,
+        dt=sim.dt,
+        max_steps=sim.max_steps,
+        save_times=save_times,
+    )

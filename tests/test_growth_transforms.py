@@ -57,7 +57,7 @@ def test_parameter_sweep_compiles_once(monkeypatch):
     sim = FKSimulator.create(wm, gm, GRID, dw_max=1.0, t_max=30.0)
     origin = jnp.array([7.0, 6.0, 6.0])
     results = [
-        sim(FKParams(jnp.float32(dw), jnp.float32(rho), jnp.float32(10.0)), origin, jnp.float32(t))
+        sim(FKParams(dw, rho, 10.0), origin, t)  # plain Python numbers: still traced
         for dw, rho, t in [(0.2, 0.05, 10.0), (0.5, 0.1, 20.0), (1.0, 0.02, 30.0)]
     ]
     assert len(traces) == 1
