@@ -15,7 +15,7 @@ import os
 import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +28,8 @@ from rtjax.labels import LabelConvention, TumourMasks, get_convention, split_lab
 
 __all__ = [
     "CANONICAL_NAMES",
+    "LOAD_KINDS",
+    "SAVE_KINDS",
     "Case",
     "Image",
     "check_same_grid",
@@ -97,7 +99,7 @@ class Image:
     path: Path | None
     original_affine: np.ndarray
     original_shape: tuple[int, int, int]
-    original_header: nib.Nifti1Header = field(compare=False)
+    original_header: nib.Nifti1Header
     orientation: tuple[str, str, str]
 
     def __post_init__(self) -> None:
@@ -300,7 +302,8 @@ def _as_label(img: nib.Nifti1Image, path: Path) -> np.ndarray:
             f"label values must be integers, found {int(off.sum())} non-integer voxels "
             f"(e.g. {examples})",
         )
-    if rounded.size and (rounded.min() < np.iinfo(np.int32).min or rounded.max() > np.iinfo(np.int32).max):
+    limits = np.iinfo(np.int32)
+    if rounded.size and (rounded.min() < limits.min or rounded.max() > limits.max):
         raise InputError(path, "label values do not fit in int32")
     return rounded.astype(np.int32)
 
@@ -332,8 +335,11 @@ def load_image(path: PathLike, *, kind: str = "intensity") -> Image:
         kind: ``"intensity"`` (float32), ``"probability"`` (float32 in [0, 1]; unscaled
             integer maps such as the MNI152 uint8 GM/WM files, with a maximum in (1, 255],
             are taken as 0..255 and divided by 255; values within 1e-5 outside [0, 1] are
-            clipped), ``"label"`` (integer array from the raw data, never scaled floats)
-            or ``"mask"`` (bool, non-zero voxels).
+            clipped), ``"label"`` (integer array from the raw data, never scaled floats:
+            the on-disk integer dtype, or int32 for integer-valued floats; a header
+            scl_slope/scl_inter is applied only if present, then values must be within
+            1e-3 of integers) or ``"mask"`` (bool, non-zero voxels; after the header's
+            scaling if it has one, values within 1e-6 of 0 being background).
 
     A trailing singleton dimension (X, Y, Z, 1) is squeezed.
 
@@ -543,7 +549,8 @@ def find_case_files(
     overrides = dict(overrides or {})
     _check_names(overrides, "override name(s)")
     if not case_dir.is_dir():
-        raise InputError(case_dir, "case folder not found" if not case_dir.exists() else "not a folder")
+        problem = "not a folder" if case_dir.exists() else "case folder not found"
+        raise InputError(case_dir, problem)
     matches: dict[str, list[Path]] = {}
     for entry in sorted(case_dir.iterdir()):
         suffix = _nifti_suffix(entry.name)
@@ -607,10 +614,8 @@ def load_case(
     files = find_case_files(case_dir, overrides)
     missing = [n for n in dict.fromkeys(require) if n not in files]
     if missing:
-        raise InputError(
-            case_dir,
-            "; ".join(f"missing required modality {n!r} (looked for {_patterns(n)})" for n in missing),
-        )
+        problems = (f"missing required modality {n!r} (looked for {_patterns(n)})" for n in missing)
+        raise InputError(case_dir, "; ".join(problems))
     wanted = list(files) if names is None else [*names, *require]
     to_load = [n for n in CANONICAL_NAMES if n in wanted and n in files and n != "tensor"]
     images = {n: load_image(files[n], kind=_KIND_OF[n]) for n in to_load}
