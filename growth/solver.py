@@ -128,6 +128,7 @@ def solve_fk(
     dt,
     max_steps: int,
     save_times: Array | None = None,
+    progress: bool = False,
 ) -> Array:
     """Integrate the FK equation from c0 over [0, t_final] days at a fixed step dt.
 
@@ -139,6 +140,7 @@ def solve_fk(
         dt: fixed step, days; above the stability limit the solve raises at run time.
         max_steps: static bound on the number of steps (>= ceil(t_final / dt)).
         save_times: optional increasing times (days, <= t_final) to save at.
+        progress: show a tqdm progress bar (through diffrax's progress meter).
 
     Returns:
         The density at t_final, or stacked densities at `save_times` (leading axis).
@@ -162,6 +164,7 @@ def solve_fk(
         saveat=saveat,
         stepsize_controller=diffrax.ConstantStepSize(),
         max_steps=max_steps,
+        progress_meter=diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter(),
     )
     return solution.ys[-1] if save_times is None else solution.ys
 
@@ -180,6 +183,7 @@ class FKSimulator(eqx.Module):
         dt: fixed time step, days.
         max_steps: bound on steps per solve (t_final <= dt * max_steps).
         seed: the initial condition.
+        progress: show a progress bar during each solve.
     """
 
     wm: Array
@@ -188,6 +192,7 @@ class FKSimulator(eqx.Module):
     dt: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     seed: GaussianSeed = eqx.field(static=True, default=GaussianSeed())
+    progress: bool = eqx.field(static=True, default=False)
 
     @classmethod
     def create(
@@ -202,6 +207,7 @@ class FKSimulator(eqx.Module):
         safety: float = 0.9,
         seed: GaussianSeed = GaussianSeed(),
         dtype=jnp.float32,
+        progress: bool = False,
     ) -> "FKSimulator":
         """Choose the step for diffusivities up to `dw_max` (mm^2/day) and times up to
         `t_max` (days); an explicit `dt` above the limit is refused with ValueError.
@@ -220,7 +226,9 @@ class FKSimulator(eqx.Module):
             check_time_step(float(dt), grid, d_max)
         # One step of slack: accumulated float32 times can fall a hair short of t_max.
         max_steps = math.ceil(float(t_max) / float(dt)) + 1
-        return cls(wm=wm, gm=gm, grid=grid, dt=float(dt), max_steps=max_steps, seed=seed)
+        return cls(
+            wm=wm, gm=gm, grid=grid, dt=float(dt), max_steps=max_steps, seed=seed, progress=progress
+        )
 
     @property
     def t_max(self) -> float:
@@ -264,4 +272,5 @@ def _simulate(sim: FKSimulator, params: FKParams, origin_mm, t_final, save_times
         dt=sim.dt,
         max_steps=sim.max_steps,
         save_times=save_times,
+        progress=sim.progress,
     )

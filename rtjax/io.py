@@ -504,7 +504,7 @@ def _patterns(name: str) -> str:
 
 
 def _names_for_stem(stem: str) -> list[str]:
-    names = [stem] if stem in CANONICAL_NAMES else []
+    names = [stem.lower()] if stem.lower() in CANONICAL_NAMES else []
     for table in (_BRATS2021, _BRATS2023):
         names += [name for name, end in table.items() if stem.endswith(end) and stem != end]
     return names
@@ -533,8 +533,8 @@ def find_case_files(
 ) -> dict[str, Path]:
     """Find the files of one case folder, keyed by canonical name.
 
-    Recognised names (the stem before ``.nii`` / ``.nii.gz``, case-sensitive): the
-    canonical name itself (``t1c.nii.gz``), BraTS 2017-2021 suffixes (``*_t1ce``,
+    Recognised names (the stem before ``.nii`` / ``.nii.gz``): the canonical name itself
+    in any letter case (``t1c.nii.gz``, ``WM.nii.gz``), BraTS 2017-2021 suffixes (``*_t1ce``,
     ``*_flair``, ``*_t1``, ``*_t2``, ``*_seg``) and BraTS 2023 suffixes (``*-t1c``,
     ``*-t2f``, ``*-t1n``, ``*-t2w``, ``*-seg``). Other files and hidden files are ignored.
     ``overrides`` maps canonical names to explicit files and wins over the search; a bare

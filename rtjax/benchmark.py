@@ -1,0 +1,146 @@
+"""Solver throughput: the JAX FK solver against a plain-NumPy version of the same scheme."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BenchmarkRow", "benchmark_solver", "format_table", "brain_tissue_240"]
+
+
+@dataclass(frozen=True)
+class BenchmarkRow:
+    """One line of the table: throughputs in voxel-steps per second."""
+
+    case: str
+    shape: tuple[int, int, int]
+    batch: int
+    jax_steps: int
+    jax_rate: float
+    numpy_steps: int
+    numpy_rate: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.numpy_rate else self.jax_rate / self.numpy_rate
+
+
+def _smooth_random_tissue(shape, seed=0):
+    """WM/GM maps with structure (smoothed noise), for a synthetic cube."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    wm = gaussian_filter(rng.uniform(size=shape), 3)
+    wm = np.clip((wm - wm.min()) / (np.ptp(wm) + 1e-12), 0, 1).astype(np.float32)
+    return wm, (1 - wm).astype(np.float32)
+
+
+def brain_tissue_240() -> tuple[np.ndarray, np.ndarray]:
+    """The MNI152 WM/GM maps centred in a 240x240x155 (BraTS-sized) grid, 1 mm."""
+    from rtjax.atlas import atlas_tissue_paths
+    from rtjax.io import load_image
+
+    paths = atlas_tissue_paths("mni152")
+    out = []
+    for name in ("wm", "gm"):
+        data = load_image(paths[name], kind="probability").data
+        target = np.zeros((240, 240, 155), np.float32)
+        src, dst = [], []
+        for n_src, n_dst in zip(data.shape, target.shape):
+            if n_src <= n_dst:
+                start = (n_dst - n_src) // 2
+                src.append(slice(0, n_src))
+                dst.append(slice(start, start + n_src))
+            else:
+                start = (n_src - n_dst) // 2
+                src.append(slice(start, start + n_dst))
+                dst.append(slice(0, n_dst))
+        target[tuple(dst)] = data[tuple(src)]
+        out.append(target)
+    return out[0], out[1]
+
+
+def _time(fn, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _jax_rate(wm, gm, steps: int, batch: int, dw=0.5, rho=0.05) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    from growth import FKParams, FKSimulator, Grid, stable_time_step
+
+    grid = Grid(wm.shape, (1.0, 1.0, 1.0))
+    dt = stable_time_step(grid, dw * float((wm + gm).max()))
+    t_final = steps * dt
+    sim = FKSimulator.create(wm, gm, grid, dw_max=dw, t_max=t_final, dt=dt)
+    origin = jnp.asarray(np.asarray(grid.shape, np.float32) / 2)
+    if batch == 1:
+        run = lambda: sim(FKParams(dw, rho), origin, t_final).block_until_ready()  # noqa: E731
+    else:
+        params = FKParams(
+            dw=jnp.linspace(0.5 * dw, dw, batch), rho=jnp.linspace(rho, 2 * rho, batch),
+            ratio=jnp.full(batch, 10.0),
+        )
+        batched = jax.jit(jax.vmap(sim, in_axes=(0, None, None)))
+        run = lambda: batched(params, origin, t_final).block_until_ready()  # noqa: E731
+    run()  # compile
+    return batch * wm.size * steps / _time(run, repeats=2)
+
+
+def _numpy_rate(wm, gm, steps: int, dw=0.5, rho=0.05) -> float:
+    from growth import GaussianSeed, Grid, stable_time_step
+    from growth.reference import numpy_face_coefficients, numpy_solve_fk
+
+    grid = Grid(wm.shape, (1.0, 1.0, 1.0))
+    d_cell = (dw * (wm + gm / 10.0)).astype(np.float32)
+    faces = numpy_face_coefficients(d_cell, grid.spacing)
+    dt = stable_time_step(grid, float(d_cell.max()))
+    c0 = np.asarray(GaussianSeed()(grid, np.asarray(grid.shape, np.float32) / 2), np.float32)
+    seconds = _time(lambda: numpy_solve_fk(c0, faces, rho, dt, steps))
+    return wm.size * steps / seconds
+
+
+def benchmark_solver(
+    *, jax_steps: int = 100, numpy_steps: int = 5, batch: int = 16, quick: bool = False
+) -> list[BenchmarkRow]:
+    """Measure voxel-steps/s on a 128^3 cube, a 240x240x155 brain and a vmapped batch.
+
+    `quick` shrinks the grids (64^3, batch 4) for a smoke run.
+    """
+    n = 64 if quick else 128
+    batch = min(batch, 4) if quick else batch
+    rows = []
+    cube = _smooth_random_tissue((n, n, n))
+    rows.append(BenchmarkRow(f"cube {n}^3", cube[0].shape, 1, jax_steps,
+                             _jax_rate(*cube, jax_steps, 1), numpy_steps,
+                             _numpy_rate(*cube, numpy_steps)))
+    if not quick:
+        brain = brain_tissue_240()
+        rows.append(BenchmarkRow("MNI152 brain 240x240x155", brain[0].shape, 1, jax_steps,
+                                 _jax_rate(*brain, jax_steps, 1), numpy_steps,
+                                 _numpy_rate(*brain, numpy_steps)))
+    rows.append(BenchmarkRow(f"cube {n}^3, vmap {batch} params", cube[0].shape, batch,
+                             jax_steps, _jax_rate(*cube, jax_steps, batch), numpy_steps,
+                             rows[0].numpy_rate))
+    return rows
+
+
+def format_table(rows: list[BenchmarkRow], device: str) -> str:
+    """A plain-text table; rates in mega voxel-steps per second (per parameter set x batch)."""
+    header = f"FK solver throughput on {device} (M voxel-steps/s; ratio = JAX / NumPy)"
+    lines = [header, "-" * len(header),
+             f"{'case':34s} {'JAX steps':>9s} {'NumPy':>10s} {'JAX':>10s} {'ratio':>7s}"]
+    for row in rows:
+        numpy_col = f"{row.numpy_rate / 1e6:10.1f}" if row.numpy_rate else f"{'-':>10s}"
+        ratio_col = f"{row.ratio:7.1f}" if row.ratio else f"{'-':>7s}"
+        lines.append(f"{row.case:34s} {row.jax_steps:9d} {numpy_col} {row.jax_rate / 1e6:10.1f} {ratio_col}")
+    lines.append("The vmap row counts all parameter sets; its NumPy column is the serial 1-set rate.")
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""Print FK solver throughput (JAX vs plain NumPy); same as `rtjax benchmark`."""
+
+from rtjax.cli import app
+
+if __name__ == "__main__":
+    app(["benchmark"])
