@@ -375,10 +375,18 @@ def test_brats2021_and_2023_names_are_recognised(tmp_path):
 
 def test_canonical_names_and_overrides(tmp_path):
     case = tmp_path / "case"
-    _touch(case, *(f"{n}.nii.gz" for n in CANONICAL_NAMES), "WM.nii.gz", "other.nii.gz")
+    _touch(case, *(f"{n}.nii.gz" for n in CANONICAL_NAMES), "other.nii.gz")
     files = find_case_files(case)
     assert set(files) == set(CANONICAL_NAMES)
     assert files["wm"] == case / "wm.nii.gz"
+    # Canonical names match in any letter case (the Lipkova patient has WM/GM) ...
+    upper = tmp_path / "upper"
+    _touch(upper, "WM.nii.gz", "Gm.nii")
+    assert find_case_files(upper) == {"wm": upper / "WM.nii.gz", "gm": upper / "Gm.nii"}
+    # ... so wm and WM side by side are ambiguous.
+    _touch(case, "WM.nii.gz")
+    with pytest.raises(InputError, match="ambiguous 'wm'"):
+        find_case_files(case)
     # A bare name is inside the case folder; a path with a folder is used as given.
     files = find_case_files(case, {"wm": "WM.nii.gz", "gm": case / "other.nii.gz"})
     assert files["wm"] == case / "WM.nii.gz" and files["gm"] == case / "other.nii.gz"
