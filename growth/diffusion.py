@@ -25,7 +25,6 @@ __all__ = [
     "harmonic_mean",
     "face_coefficients",
     "diffusion_operator",
-    "max_face_diffusivity",
 ]
 
 #: Per-axis face coefficients D(i+1/2) / h_k^2, 1/day. Entry k has the grid's shape
@@ -63,14 +62,6 @@ def face_coefficients(d_cell: Float[Array, "n0 n1 n2"], grid: Grid) -> FaceCoeff
         upper = lax.slice_in_dim(d_cell, 1, n, axis=k)
         faces.append(harmonic_mean(lower, upper) / h**2)
     return tuple(faces)
-
-
-def max_face_diffusivity(faces: FaceCoefficients, grid: Grid) -> Array:
-    """Largest face diffusivity, mm^2/day (what the stability limit depends on)."""
-    values = [
-        jnp.max(f, initial=0.0) * h**2 for f, h in zip(faces, grid.spacing) if f.size
-    ]
-    return jnp.max(jnp.stack(values)) if values else jnp.asarray(0.0)
 
 
 def _axis_divergence(c: Array, coeff: Array, axis: int) -> Array:
