@@ -5,7 +5,9 @@ D in mm^2/day, rho in 1/day, density c in [0, 1].
 """
 
 from growth.diffusion import (
+    AbstractDiffusion,
     FaceCoefficients,
+    FaceDiffusion,
     diffusion_operator,
     face_coefficients,
     harmonic_mean,
@@ -29,6 +31,8 @@ __all__ = [
     "Grid",
     "stability_limit",
     "stable_time_step",
+    "AbstractDiffusion",
+    "FaceDiffusion",
     "FaceCoefficients",
     "tissue_diffusivity",
     "harmonic_mean",

@@ -13,6 +13,9 @@ neighbour, so the total mass is conserved exactly up to rounding.
 
 from __future__ import annotations
 
+import abc
+
+import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
@@ -20,6 +23,8 @@ from jaxtyping import Array, Float
 from growth.grid import Grid
 
 __all__ = [
+    "AbstractDiffusion",
+    "FaceDiffusion",
     "FaceCoefficients",
     "tissue_diffusivity",
     "harmonic_mean",
@@ -82,3 +87,29 @@ def _axis_divergence(c: Array, coeff: Array, axis: int) -> Array:
 def diffusion_operator(c: Float[Array, "n0 n1 n2"], faces: FaceCoefficients) -> Array:
     """div(D grad c) in conservative flux form, 1/day (density per day)."""
     return sum(_axis_divergence(c, coeff, k) for k, coeff in enumerate(faces))
+
+
+class AbstractDiffusion(eqx.Module):
+    """A discretised, conservative, monotone diffusion operator c -> div(D grad c)."""
+
+    @abc.abstractmethod
+    def __call__(self, c: Float[Array, "n0 n1 n2"]) -> Float[Array, "n0 n1 n2"]:
+        """div(D grad c), density per day."""
+
+    @abc.abstractmethod
+    def rate_bound(self) -> Array:
+        """B (1/day) such that explicit Euler steps with dt * B <= 1 are monotone
+        (the update is a convex combination of neighbours)."""
+
+
+class FaceDiffusion(AbstractDiffusion):
+    """Isotropic (scalar D) diffusion on the 6-neighbour stencil: see `diffusion_operator`."""
+
+    faces: FaceCoefficients
+
+    def __call__(self, c):
+        return diffusion_operator(c, self.faces)
+
+    def rate_bound(self):
+        # Each voxel loses at most sum_k (D_k(i-1/2) + D_k(i+1/2)) / h_k^2 per day.
+        return 2.0 * sum(jnp.max(f, initial=0.0) for f in self.faces if f.size)

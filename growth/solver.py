@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from growth.diffusion import (
+    AbstractDiffusion,
     FaceCoefficients,
+    FaceDiffusion,
     diffusion_operator,
     face_coefficients,
     tissue_diffusivity,
@@ -57,9 +59,9 @@ class FKParams(eqx.Module):
 
 
 class FKArgs(eqx.Module):
-    """What the right-hand side needs: face coefficients (1/day) and rho (1/day)."""
+    """What the right-hand side needs: the diffusion operator and rho (1/day)."""
 
-    faces: FaceCoefficients
+    diffusion: AbstractDiffusion
     rho: Array
 
 
@@ -100,12 +102,7 @@ class LogisticSplitEuler(diffrax.AbstractSolver):
 
 
 def _diffusion_field(t, c, args: FKArgs):
-    return diffusion_operator(c, args.faces)
-
-
-def _spectral_bound(faces: FaceCoefficients) -> Array:
-    """2 sum_k max_i D_k(i+1/2)/h_k^2 >= the diffusion operator's largest |eigenvalue|."""
-    return 2.0 * sum(jnp.max(f, initial=0.0) for f in faces if f.size)
+    return args.diffusion(c)
 
 
 def check_time_step(dt: float, grid: Grid, d_max: float) -> None:
@@ -121,7 +118,7 @@ def check_time_step(dt: float, grid: Grid, d_max: float) -> None:
 
 def solve_fk(
     c0: Float[Array, "n0 n1 n2"],
-    faces: FaceCoefficients,
+    diffusion: AbstractDiffusion | FaceCoefficients,
     rho,
     t_final,
     *,
@@ -134,7 +131,8 @@ def solve_fk(
 
     Args:
         c0: initial density in [0, 1].
-        faces: face coefficients from `face_coefficients` (1/day).
+        diffusion: the diffusion operator (an `AbstractDiffusion`), or the isotropic face
+            coefficients from `face_coefficients` (1/day).
         rho: proliferation rate, 1/day.
         t_final: end time, days (traced: differentiable).
         dt: fixed step, days; above the stability limit the solve raises at run time.
@@ -145,11 +143,13 @@ def solve_fk(
     Returns:
         The density at t_final, or stacked densities at `save_times` (leading axis).
     """
+    if not isinstance(diffusion, AbstractDiffusion):
+        diffusion = FaceDiffusion(tuple(diffusion))
     dt = jnp.asarray(dt, dtype=c0.dtype)
     dt = eqx.error_if(
         dt,
-        dt * _spectral_bound(faces) > 1.0 + 1e-6,
-        "FK time step above the explicit stability limit 1/(2 sum_k max D_k/h_k^2): "
+        dt * diffusion.rate_bound() > 1.0 + 1e-6,
+        "FK time step above the explicit stability limit (dt * max outflow rate > 1): "
         "choose dt <= growth.stable_time_step(grid, d_max)",
     )
     saveat = diffrax.SaveAt(t1=True) if save_times is None else diffrax.SaveAt(ts=save_times)
@@ -160,7 +160,7 @@ def solve_fk(
         t1=jnp.asarray(t_final, c0.dtype),
         dt0=dt,
         y0=c0,
-        args=FKArgs(faces=faces, rho=jnp.asarray(rho, c0.dtype)),
+        args=FKArgs(diffusion=diffusion, rho=jnp.asarray(rho, c0.dtype)),
         saveat=saveat,
         stepsize_controller=diffrax.ConstantStepSize(),
         max_steps=max_steps,
@@ -263,10 +263,10 @@ class FKSimulator(eqx.Module):
 
 @eqx.filter_jit
 def _simulate(sim: FKSimulator, params: FKParams, origin_mm, t_final, save_times):
-    faces = face_coefficients(sim.diffusivity(params), sim.grid)
+    diffusion = FaceDiffusion(face_coefficients(sim.diffusivity(params), sim.grid))
     return solve_fk(
         sim.initial_density(origin_mm),
-        faces,
+        diffusion,
         params.rho,
         t_final,
         dt=sim.dt,
