@@ -333,7 +333,8 @@ def _target_voxels(target, shape: tuple[int, ...]) -> int:
             raise ValueError(f"target volume must be a positive number of voxels, got {target!r}")
         return int(value)
     mask = _as_mask(target, "target mask")
-    _check_same_shape(density=np.empty(shape), target=mask)
+    if mask.shape != shape:
+        raise ValueError(f"target mask {mask.shape} and density {shape} differ in shape")
     count = int(mask.sum())
     if count == 0:
         raise ValueError("target mask is empty: there is no volume to match")
