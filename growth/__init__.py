@@ -26,6 +26,21 @@ from growth.solver import (
     logistic_flow,
     solve_fk,
 )
+from growth.tensor import (
+    TENSOR_COMPONENTS,
+    components_to_matrix,
+    dti_design_matrix,
+    eigh_field,
+    fit_tensor_dwi,
+    fractional_anisotropy,
+    matrix_to_components,
+    mean_diffusivity,
+    rotate_tensor,
+    tensor_from_direction,
+    tensor_from_eigen,
+    tumour_tensor,
+    westin_measures,
+)
 
 __all__ = [
     "Grid",
@@ -49,4 +64,17 @@ __all__ = [
     "fk_rhs",
     "check_time_step",
     "solve_fk",
+    "TENSOR_COMPONENTS",
+    "components_to_matrix",
+    "matrix_to_components",
+    "rotate_tensor",
+    "eigh_field",
+    "fractional_anisotropy",
+    "mean_diffusivity",
+    "tensor_from_direction",
+    "tensor_from_eigen",
+    "dti_design_matrix",
+    "fit_tensor_dwi",
+    "westin_measures",
+    "tumour_tensor",
 ]
