@@ -187,8 +187,8 @@ def test_tumour_tensor_argument_checks_and_jit():
     with pytest.raises(ValueError, match="method"):
         tumour_tensor(t6, anisotropy=2.0, method="nope")
     jitted = jax.jit(lambda r: tumour_tensor(t6, anisotropy=r))
-    np.testing.assert_allclose(np.asarray(jitted(4.0)), np.asarray(tumour_tensor(t6, anisotropy=4.0)),
-                               atol=1e-6)
+    expected = np.asarray(tumour_tensor(t6, anisotropy=4.0))
+    np.testing.assert_allclose(np.asarray(jitted(4.0)), expected, atol=1e-6)
     # the anisotropy is differentiable (e.g. fitted): the trace stays 3, d trace / dr = 0
     grad = jax.grad(lambda r: jnp.sum(tumour_tensor(t6, anisotropy=r)[jnp.array([0, 3, 5])]))(3.0)
     assert abs(float(grad)) < 1e-4
