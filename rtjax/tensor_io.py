@@ -376,6 +376,7 @@ def load_tensor_eigen(
         for p in paths:
             nimg = _open_nifti(p)
             vol = _read(nimg, p, raw=False).reshape(_shape_3d(nimg.shape, p))
+            _count_nonfinite(vol[..., None], p, "eigenvalue")
             image = _reference(nimg, p, vol)
             if vols:
                 _check_grid(ref, image, p)
