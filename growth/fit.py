@@ -1,0 +1,356 @@
+"""Fitting the FK model to observed tumour masks by gradients through the solver.
+
+Only the products Dw*T and rho*T are identifiable from one time point, so the fit works in
+scaled time: it simulates to t = 1 with diffusivity Dw*T (mm^2) and proliferation rho*T
+(dimensionless), and reports sqrt(Dw*T) (mm) and sqrt(rho*T) as LearnMorph-Infer does.
+The unknowns are those two, the seed origin (mm) and the imaging thresholds u_T1, u_FL.
+Each is mapped from an unconstrained variable onto a box (log-uniform for the growth
+parameters), so optax's Adam can move freely while the estimate stays physical; the loss
+is 1 - mean soft Dice of the simulated (sigmoid-thresholded) core and edema against the
+observed masks. The best iterate is kept, and the run stops early when the loss has not
+improved for `patience` iterations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float
+
+from growth.diffusion import FaceDiffusion, face_coefficients
+from growth.grid import Grid
+from growth.imaging import soft_visible_masks, visible_masks
+from growth.solver import FKParams, FKSimulator, solve_fk
+
+__all__ = [
+    "FitEstimate",
+    "FitBounds",
+    "FitConfig",
+    "FitResult",
+    "heuristic_estimate",
+    "soft_dice",
+    "dice",
+    "make_fit_simulator",
+    "simulate_adaptive",
+    "refine",
+]
+
+
+class FitEstimate(eqx.Module):
+    """A growth estimate in scaled time.
+
+    Attributes:
+        origin_mm: seed centre in grid mm (voxel index * spacing), shape (3,).
+        sqrt_dw_t: sqrt(Dw * T), mm.
+        sqrt_rho_t: sqrt(rho * T), dimensionless.
+        u_t1: density threshold of the enhancing core on T1c.
+        u_fl: density threshold of the edema on FLAIR.
+    """
+
+    origin_mm: Array
+    sqrt_dw_t: Array
+    sqrt_rho_t: Array
+    u_t1: Array
+    u_fl: Array
+
+    def params(self, ratio: float = 10.0) -> FKParams:
+        """FK parameters for a simulation to t = 1 (Dw*T in mm^2, rho*T)."""
+        return FKParams(dw=self.sqrt_dw_t**2, rho=self.sqrt_rho_t**2, ratio=ratio)
+
+    def as_dict(self) -> dict:
+        """Plain floats, for JSON."""
+        return {
+            "origin_grid_mm": [float(v) for v in np.asarray(self.origin_mm)],
+            "sqrt_dw_t_mm": float(self.sqrt_dw_t),
+            "sqrt_rho_t": float(self.sqrt_rho_t),
+            "dw_t_mm2": float(self.sqrt_dw_t) ** 2,
+            "rho_t": float(self.sqrt_rho_t) ** 2,
+            "u_t1": float(self.u_t1),
+            "u_fl": float(self.u_fl),
+        }
+
+
+@dataclass(frozen=True)
+class FitBounds:
+    """Boxes the estimate is kept in.
+
+    Attributes:
+        sqrt_dw_t: (low, high) of sqrt(Dw*T), mm.
+        sqrt_rho_t: (low, high) of sqrt(rho*T).
+        u_t1, u_fl: threshold ranges (LearnMorph-Infer's sampling ranges by default).
+        origin_mm: how far the origin may move from the initial estimate, mm per axis.
+        relative: also keep the growth parameters within this factor of the initial
+            estimate (None: only the absolute boxes).
+    """
+
+    sqrt_dw_t: tuple[float, float] = (0.5, 30.0)
+    sqrt_rho_t: tuple[float, float] = (0.3, 10.0)
+    u_t1: tuple[float, float] = (0.5, 0.85)
+    u_fl: tuple[float, float] = (0.05, 0.5)
+    origin_mm: float = 15.0
+    relative: float | None = 4.0
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Optimiser settings.
+
+    Attributes:
+        max_iterations: Adam steps at most.
+        learning_rate: Adam step size in the unconstrained variables.
+        patience: stop after this many iterations without improvement.
+        min_improvement: an improvement smaller than this does not count.
+        soft_width: width of the sigmoid thresholds (density units).
+        fit_thresholds: optimise u_T1 and u_FL too (else keep the initial ones).
+        ratio: Dw / Dg.
+    """
+
+    max_iterations: int = 120
+    learning_rate: float = 0.08
+    patience: int = 20
+    min_improvement: float = 1e-4
+    soft_width: float = 0.03
+    fit_thresholds: bool = True
+    ratio: float = 10.0
+
+
+@dataclass
+class FitResult:
+    """The outcome of `refine`."""
+
+    estimate: FitEstimate
+    initial: FitEstimate
+    loss_curve: list[float]
+    best_loss: float
+    best_iteration: int
+    stopped_early: bool
+    dice_core: float
+    dice_edema: float
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+def _centre_of_mass(mask: np.ndarray, spacing) -> np.ndarray:
+    idx = np.argwhere(mask)
+    return idx.mean(0) * np.asarray(spacing, float)
+
+
+def heuristic_estimate(core, edema, spacing, u_t1: float = 0.675, u_fl: float = 0.25) -> FitEstimate:
+    """A starting point from the masks alone (when no inverse network is at hand).
+
+    The origin is the core's centre of mass (of the whole tumour if no core). From the
+    travelling-wave picture of the FK equation, the visible radius R ~ 2 sqrt(D rho) T and
+    the edema shell thickness W ~ sqrt(D / rho) ln(u_T1 / u_FL), which give
+    sqrt(Dw T) = sqrt(R W' / 2) and sqrt(rho T) = sqrt(R / (2 W')), W' = W / ln(u_T1/u_FL).
+    """
+    core = np.asarray(core, bool)
+    whole = core | np.asarray(edema, bool)
+    if not whole.any():
+        raise ValueError("cannot fit an empty tumour (no core and no edema voxels)")
+    voxel = float(np.prod(spacing))
+    reference = core if core.any() else whole
+    r_core = (3 * core.sum() * voxel / (4 * np.pi)) ** (1 / 3)
+    r_whole = (3 * whole.sum() * voxel / (4 * np.pi)) ** (1 / 3)
+    width = max(r_whole - r_core, float(min(spacing))) / np.log(u_t1 / u_fl)
+    radius = max(r_core, float(min(spacing)))
+    return FitEstimate(
+        origin_mm=jnp.asarray(_centre_of_mass(reference, spacing), jnp.float32),
+        sqrt_dw_t=jnp.asarray(np.sqrt(radius * width / 2), jnp.float32),
+        sqrt_rho_t=jnp.asarray(np.sqrt(radius / (2 * width)), jnp.float32),
+        u_t1=jnp.asarray(u_t1, jnp.float32),
+        u_fl=jnp.asarray(u_fl, jnp.float32),
+    )
+
+
+def soft_dice(a: Array, b: Array, eps: float = 1e-6) -> Array:
+    """2 sum(a b) / (sum a + sum b), for masks with values in [0, 1]."""
+    return (2 * jnp.sum(a * b) + eps) / (jnp.sum(a) + jnp.sum(b) + eps)
+
+
+def dice(a, b) -> float:
+    """Hard Dice of two boolean arrays (1.0 when both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def _clip_box(initial: float, box: tuple[float, float], relative: float | None):
+    lo, hi = box
+    if relative is not None:
+        lo, hi = max(lo, initial / relative), min(hi, initial * relative)
+    if not lo < hi:
+        lo, hi = box
+    return lo, hi
+
+
+class _Decoder(eqx.Module):
+    """Maps unconstrained variables z (7,) to a bounded FitEstimate."""
+
+    origin0: Array
+    origin_radius: float = eqx.field(static=True)
+    dw_box: tuple[float, float] = eqx.field(static=True)
+    rho_box: tuple[float, float] = eqx.field(static=True)
+    u_t1_box: tuple[float, float] = eqx.field(static=True)
+    u_fl_box: tuple[float, float] = eqx.field(static=True)
+    fixed_u: tuple[float, float] = eqx.field(static=True)
+    fit_thresholds: bool = eqx.field(static=True)
+
+    def __call__(self, z: Array) -> FitEstimate:
+        def log_box(v, box):
+            lo, hi = box
+            return lo * (hi / lo) ** jax.nn.sigmoid(v)
+
+        def lin_box(v, box):
+            lo, hi = box
+            return lo + (hi - lo) * jax.nn.sigmoid(v)
+
+        if self.fit_thresholds:
+            u_t1, u_fl = lin_box(z[5], self.u_t1_box), lin_box(z[6], self.u_fl_box)
+        else:
+            u_t1, u_fl = jnp.asarray(self.fixed_u[0]), jnp.asarray(self.fixed_u[1])
+        return FitEstimate(
+            origin_mm=self.origin0 + self.origin_radius * jnp.tanh(z[:3]),
+            sqrt_dw_t=log_box(z[3], self.dw_box),
+            sqrt_rho_t=log_box(z[4], self.rho_box),
+            u_t1=u_t1,
+            u_fl=u_fl,
+        )
+
+    def encode(self, estimate: FitEstimate) -> Array:
+        def logit(p):
+            p = np.clip(p, 1e-4, 1 - 1e-4)
+            return np.log(p / (1 - p))
+
+        def inv_log_box(v, box):
+            lo, hi = box
+            return logit(np.log(float(v) / lo) / np.log(hi / lo))
+
+        def inv_lin_box(v, box):
+            lo, hi = box
+            return logit((float(v) - lo) / (hi - lo))
+
+        return jnp.asarray([
+            0.0, 0.0, 0.0,
+            inv_log_box(estimate.sqrt_dw_t, self.dw_box),
+            inv_log_box(estimate.sqrt_rho_t, self.rho_box),
+            inv_lin_box(estimate.u_t1, self.u_t1_box),
+            inv_lin_box(estimate.u_fl, self.u_fl_box),
+        ], jnp.float32)
+
+
+def make_fit_simulator(wm, gm, grid: Grid, sqrt_dw_t_max: float) -> FKSimulator:
+    """A simulator to scaled time 1 whose step is stable up to sqrt(Dw T) = sqrt_dw_t_max."""
+    return FKSimulator.create(wm, gm, grid, dw_max=sqrt_dw_t_max**2, t_max=1.0)
+
+
+def simulate_adaptive(sim: FKSimulator, params: FKParams, origin_mm, safety: float = 0.9) -> Array:
+    """The density at scaled time 1 with a step chosen for *these* parameters.
+
+    The step is `safety` times the monotonicity limit of the current diffusivity (held
+    constant under differentiation), so small diffusivities take few steps; `sim.max_steps`
+    (set for the largest admissible diffusivity) bounds the loop.
+    """
+    diffusion = FaceDiffusion(face_coefficients(sim.diffusivity(params), sim.grid))
+    rate = jax.lax.stop_gradient(diffusion.rate_bound())
+    dt = safety / jnp.maximum(rate, safety)  # at most 1: one step to t = 1
+    return solve_fk(sim.initial_density(origin_mm), diffusion, params.rho, 1.0,
+                    dt=dt, max_steps=sim.max_steps)
+
+
+def _loss(z, decoder: _Decoder, sim: FKSimulator, core, edema, width, ratio):
+    estimate = decoder(z)
+    density = simulate_adaptive(sim, estimate.params(ratio), estimate.origin_mm)
+    soft_core, soft_edema = soft_visible_masks(density, estimate.u_t1, estimate.u_fl, width)
+    return 1.0 - 0.5 * (soft_dice(soft_core, core) + soft_dice(soft_edema, edema))
+
+
+@eqx.filter_jit
+def _step(z, opt_state, decoder, sim, core, edema, width, ratio, optimizer):
+    loss, grad = jax.value_and_grad(_loss)(z, decoder, sim, core, edema, width, ratio)
+    grad = jnp.where(jnp.isfinite(grad), grad, 0.0)
+    updates, opt_state = optimizer.update(grad, opt_state, z)
+    return optax.apply_updates(z, updates), opt_state, loss
+
+
+def refine(
+    core: Float[Array, "n0 n1 n2"],
+    edema: Float[Array, "n0 n1 n2"],
+    wm: Float[Array, "n0 n1 n2"],
+    gm: Float[Array, "n0 n1 n2"],
+    grid: Grid,
+    initial: FitEstimate,
+    *,
+    config: FitConfig = FitConfig(),
+    bounds: FitBounds = FitBounds(),
+    callback=None,
+) -> FitResult:
+    """Refine `initial` against the observed masks by Adam through the FK solver.
+
+    Args:
+        core, edema: observed masks (0/1 or soft) on `grid`.
+        wm, gm: tissue probabilities on `grid`.
+        initial: the starting estimate (network or `heuristic_estimate`).
+        callback: called as callback(iteration, loss) after each step (progress bars).
+
+    Returns:
+        The best estimate, the loss curve and the hard Dice of the re-simulated masks.
+    """
+    start = time.perf_counter()
+    core = jnp.asarray(core, jnp.float32)
+    edema = jnp.asarray(edema, jnp.float32)
+    decoder = _Decoder(
+        origin0=jnp.asarray(initial.origin_mm, jnp.float32),
+        origin_radius=float(bounds.origin_mm),
+        dw_box=_clip_box(float(initial.sqrt_dw_t), bounds.sqrt_dw_t, bounds.relative),
+        rho_box=_clip_box(float(initial.sqrt_rho_t), bounds.sqrt_rho_t, bounds.relative),
+        u_t1_box=bounds.u_t1,
+        u_fl_box=bounds.u_fl,
+        fixed_u=(float(initial.u_t1), float(initial.u_fl)),
+        fit_thresholds=config.fit_thresholds,
+    )
+    sim = make_fit_simulator(wm, gm, grid, decoder.dw_box[1])
+    optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(config.learning_rate))
+    z = decoder.encode(initial)
+    opt_state = optimizer.init(z)
+    best_z, best_loss, best_iteration, curve = z, np.inf, 0, []
+    stopped_early = False
+    for iteration in range(config.max_iterations):
+        new_z, opt_state, loss = _step(
+            z, opt_state, decoder, sim, core, edema, config.soft_width, config.ratio, optimizer
+        )
+        loss = float(loss)  # the loss of z, before this update
+        curve.append(loss)
+        if loss < best_loss - config.min_improvement:
+            best_z, best_loss, best_iteration = z, loss, iteration
+        if callback is not None:
+            callback(iteration, loss)
+        if iteration - best_iteration >= config.patience:
+            stopped_early = True
+            break
+        z = new_z
+    estimate = decoder(best_z)
+    density = simulate_adaptive(sim, estimate.params(config.ratio), estimate.origin_mm)
+    sim_core, sim_edema = visible_masks(density, estimate.u_t1, estimate.u_fl)
+    return FitResult(
+        estimate=jax.tree.map(lambda x: x, estimate),
+        initial=initial,
+        loss_curve=curve,
+        best_loss=float(best_loss),
+        best_iteration=best_iteration,
+        stopped_early=stopped_early,
+        dice_core=dice(sim_core, np.asarray(core) > 0.5),
+        dice_edema=dice(sim_edema, np.asarray(edema) > 0.5),
+        seconds=time.perf_counter() - start,
+        details={
+            "sqrt_dw_t_box": list(decoder.dw_box),
+            "sqrt_rho_t_box": list(decoder.rho_box),
+            "time_step": sim.dt,
+            "steps_per_solve": sim.max_steps,
+        },
+    )
