@@ -112,12 +112,6 @@ def _pair_products(m: np.ndarray, superbase: np.ndarray) -> np.ndarray:
     return np.stack([np.einsum("na,na->n", superbase[:, i], mv[:, j]) for i, j in _PAIRS], 1)
 
 
-def _canonical(offset: np.ndarray) -> Offset:
-    """The representative of {e, -e} whose first non-zero component is positive."""
-    nonzero = offset[np.nonzero(offset)[0][0]]
-    return tuple(int(v) for v in (offset if nonzero > 0 else -offset))
-
-
 class TensorStencil(eqx.Module):
     """Per-voxel non-negative weights on a fixed set of integer offsets.
 
@@ -149,14 +143,28 @@ def tensor_stencil(
     matrices = matrices * inv_h[None, :, None] * inv_h[None, None, :]
     present = np.trace(matrices, axis1=1, axis2=2) > 0
     offsets, weights = selling_decomposition(matrices[present])
-    index: dict[Offset, int] = {tuple(e): i for i, e in enumerate(extra_offsets)}
-    codes = np.empty(offsets.shape[:2], np.int64)
-    for v, w in zip(*np.nonzero(weights > 0)):
-        key = _canonical(offsets[v, w])
-        codes[v, w] = index.setdefault(key, len(index))
-    codes[weights <= 0] = 0  # zero weight: any row will do
-    dense = np.zeros((len(index), int(present.sum())), np.float64)
-    np.add.at(dense, (codes, np.arange(len(codes))[:, None].repeat(6, 1)), weights)
+    flat = offsets.reshape(-1, 3)
+    first = np.argmax(flat != 0, axis=1)
+    sign = np.sign(flat[np.arange(len(flat)), first])
+    canonical = flat * np.where(sign == 0, 1, sign)[:, None]
+    used = weights.reshape(-1) > 0
+    span = int(np.abs(canonical).max()) if len(canonical) else 1
+    base = 2 * span + 1
+    keys = ((canonical + span) * np.array([base * base, base, 1])).sum(1)
+    unique_keys, inverse = np.unique(keys[used], return_inverse=True)
+    unique = np.stack(
+        [unique_keys // (base * base), (unique_keys // base) % base, unique_keys % base], 1
+    ) - span
+    order = [tuple(int(v) for v in e) for e in extra_offsets]
+    order += [t for t in map(tuple, unique.tolist()) if t not in set(order)]
+    position = {e: i for i, e in enumerate(order)}
+    rows = np.array([position[tuple(e)] for e in unique.tolist()], np.int64)
+    codes = np.zeros(len(flat), np.int64)
+    codes[used] = rows[inverse.reshape(-1)]
+    voxel = np.repeat(np.arange(offsets.shape[0]), 6)
+    dense = np.zeros((len(order), offsets.shape[0]), np.float64)
+    np.add.at(dense, (codes, voxel), weights.reshape(-1))
+    index = position
     full = np.zeros((len(index), int(np.prod(shape))), np.float64)
     full[:, present] = dense
     return TensorStencil(
@@ -200,45 +208,53 @@ def line_of_sight(tissue: np.ndarray, offsets) -> tuple[np.ndarray, ...]:
 class StencilDiffusion(AbstractDiffusion):
     """div(D grad c) on a multi-offset stencil with precomputed pair weights (1/day).
 
+    The weight of the pair (x, x + e) is stored twice, at x (`forward`) and at x + e
+    (`backward`), both zero where the partner lies outside the grid, so one step is a
+    single elementwise pass over shifted views of the zero-padded density:
+
+        out(x) = sum_e forward_e(x) (c(x+e) - c(x)) + backward_e(x) (c(x-e) - c(x)).
+
     Attributes:
-        pair_weights: per offset, the weights w_e(x, x+e) over the pairs inside the grid.
+        forward, backward: (n_offsets, n0, n1, n2) pair weights, 1/day.
         offsets: the offsets (static).
-        shape: the grid shape (static).
     """
 
-    pair_weights: tuple[Array, ...]
+    forward: Array
+    backward: Array
     offsets: tuple[Offset, ...] = eqx.field(static=True)
-    shape: tuple[int, int, int] = eqx.field(static=True)
 
     @classmethod
     def from_voxel_weights(cls, weights: Array, offsets, sight=None) -> "StencilDiffusion":
         """Pair weights as harmonic means of the voxel weights lambda_e at both ends,
         cut where `sight` (from `line_of_sight`) is False."""
         shape = tuple(weights.shape[1:])
-        pairs = []
+        forward, backward = [], []
         for row, e in enumerate(offsets):
             lower, upper = _pair_slices(shape, e)
             w = harmonic_mean(weights[row][lower], weights[row][upper])
             if sight is not None:
                 w = jnp.where(sight[row], w, 0.0)
-            pairs.append(w)
-        return cls(pair_weights=tuple(pairs), offsets=tuple(offsets), shape=shape)
+            forward.append(_scatter(w, lower, shape))
+            backward.append(_scatter(w, upper, shape))
+        return cls(forward=jnp.stack(forward), backward=jnp.stack(backward), offsets=tuple(offsets))
 
     def __call__(self, c):
+        halo = max(max(abs(v) for v in e) for e in self.offsets)
+        padded = jnp.pad(c, halo)
+
+        def shifted(e):
+            return padded[tuple(slice(halo + d, halo + d + n) for d, n in zip(e, c.shape))]
+
         out = jnp.zeros_like(c)
-        for e, w in zip(self.offsets, self.pair_weights):
-            lower, upper = _pair_slices(self.shape, e)
-            flux = w * (c[upper] - c[lower])
-            out = out + _scatter(flux, lower, self.shape) - _scatter(flux, upper, self.shape)
+        for row, e in enumerate(self.offsets):
+            minus = tuple(-d for d in e)
+            out = out + self.forward[row] * (shifted(e) - c)
+            out = out + self.backward[row] * (shifted(minus) - c)
         return out
 
     def outflow_rate(self) -> Array:
         """Per voxel, the sum of the weights of its pairs (1/day)."""
-        total = jnp.zeros(self.shape, self.pair_weights[0].dtype)
-        for e, w in zip(self.offsets, self.pair_weights):
-            lower, upper = _pair_slices(self.shape, e)
-            total = total + _scatter(w, lower, self.shape) + _scatter(w, upper, self.shape)
-        return total
+        return jnp.sum(self.forward, axis=0) + jnp.sum(self.backward, axis=0)
 
     def rate_bound(self):
         return jnp.max(self.outflow_rate())
