@@ -77,4 +77,24 @@ __all__ = [
     "fit_tensor_dwi",
     "westin_measures",
     "tumour_tensor",
+    "GeneratorConfig",
+    "SamplingRanges",
+    "NetConfig",
+    "InverseNet",
+    "crop_around",
+    "resample_affine",
+    "create_ensemble",
+    "ensemble_apply",
 ]
+
+# The learned inverse model (imports flax).
+from growth.inverse import (  # noqa: E402
+    GeneratorConfig,
+    InverseNet,
+    NetConfig,
+    SamplingRanges,
+    create_ensemble,
+    crop_around,
+    ensemble_apply,
+    resample_affine,
+)
