@@ -92,6 +92,24 @@ def demo(
         typer.echo(f"wrote {path}")
 
 
+@app.command("train-inverse")
+def train_inverse(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/inverse_cpu.yaml).")],
+    workdir: Annotated[Path, typer.Option("--workdir", help="Run folder: data, checkpoints, weights; reruns resume.")] = Path("runs/inverse"),
+) -> None:
+    """Train the learned inverse model (masks -> growth parameters) on simulations; resumes
+    from the latest checkpoint in the workdir and writes weights/ with config and metrics."""
+    from rtjax.inverse_model import load_config, train_and_evaluate
+
+    try:
+        cfg = load_config(config)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    result = train_and_evaluate(cfg, workdir)
+    if result["weights"] is not None:
+        typer.echo(f"wrote {result['weights']}")
+
+
 @app.command()
 def version() -> None:
     """Print the rtjax, JAX and device versions."""
