@@ -4,6 +4,12 @@ Arrays and voxel spacing in, arrays out: no files, no patients. Units: mm, days,
 D in mm^2/day, rho in 1/day, density c in [0, 1].
 """
 
+from growth.anisotropic import (
+    AnisotropicFKSimulator,
+    StencilDiffusion,
+    selling_decomposition,
+    tensor_stencil,
+)
 from growth.diffusion import (
     AbstractDiffusion,
     FaceCoefficients,
@@ -43,6 +49,10 @@ from growth.tensor import (
 )
 
 __all__ = [
+    "AnisotropicFKSimulator",
+    "StencilDiffusion",
+    "selling_decomposition",
+    "tensor_stencil",
     "Grid",
     "stability_limit",
     "stable_time_step",

@@ -47,6 +47,7 @@ from growth.solver import FKParams, solve_fk
 
 __all__ = [
     "selling_decomposition",
+    "limit_condition",
     "TensorStencil",
     "tensor_stencil",
     "StencilDiffusion",
@@ -124,14 +125,35 @@ class TensorStencil(eqx.Module):
     offsets: tuple[Offset, ...] = eqx.field(static=True)
 
 
+def limit_condition(matrices: np.ndarray, max_condition: float) -> tuple[np.ndarray, int]:
+    """Raise eigenvalues below lambda_max / max_condition to that floor, keeping the trace
+    and the eigenvectors; returns the matrices and how many were changed.
+
+    Selling's offsets grow like sqrt(condition number), so a bound keeps the stencil
+    compact; it also makes semi-definite tensors (FA 1) definite.
+    """
+    values, vectors = np.linalg.eigh(matrices)
+    trace = values.sum(-1, keepdims=True)
+    floor = values[..., -1:] / max_condition
+    changed = (values < floor).any(-1)
+    clamped = np.maximum(values, floor)
+    clamped *= trace / np.maximum(clamped.sum(-1, keepdims=True), 1e-300)
+    out = np.einsum("nij,nj,nkj->nik", vectors, clamped, vectors)
+    return np.where(changed[:, None, None], out, matrices), int(changed.sum())
+
+
 def tensor_stencil(
-    tensors: Float[np.ndarray, "6 n0 n1 n2"], spacing, extra_offsets=_AXES
+    tensors: Float[np.ndarray, "6 n0 n1 n2"],
+    spacing,
+    extra_offsets=_AXES,
+    max_condition: float = 25.0,
 ) -> TensorStencil:
     """Decompose a tensor field (components xx, xy, xz, yy, yz, zz; mm^2/day) into
     non-negative weights on integer offsets; zero tensors get zero weights.
 
     `extra_offsets` are always included (default: the three axes), so stencils built on
-    the same grid can be added row by row.
+    the same grid can be added row by row. Tensors whose eigenvalue ratio exceeds
+    `max_condition` are first limited to it (`limit_condition`, trace kept).
     """
     t = np.asarray(tensors, np.float64)
     shape = t.shape[1:]
@@ -139,10 +161,11 @@ def tensor_stencil(
     matrices = np.stack(
         [np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2
     ).reshape(-1, 3, 3)
-    inv_h = 1.0 / np.asarray(spacing, np.float64)
-    matrices = matrices * inv_h[None, :, None] * inv_h[None, None, :]
     present = np.trace(matrices, axis1=1, axis2=2) > 0
-    offsets, weights = selling_decomposition(matrices[present])
+    limited, _ = limit_condition(matrices[present], max_condition)
+    inv_h = 1.0 / np.asarray(spacing, np.float64)
+    limited = limited * inv_h[None, :, None] * inv_h[None, None, :]
+    offsets, weights = selling_decomposition(limited)
     flat = offsets.reshape(-1, 3)
     first = np.argmax(flat != 0, axis=1)
     sign = np.sign(flat[np.arange(len(flat)), first])

@@ -40,18 +40,29 @@ def simulate(
     origin_mm: Annotated[Optional[Coordinate], typer.Option("--origin-mm", help="Seed centre, world coordinates X Y Z in mm.")] = None,
     origin_vox: Annotated[Optional[Coordinate], typer.Option("--origin-vox", help="Seed centre, voxel I J K of the input file.")] = None,
     ratio: Annotated[float, typer.Option("--ratio", help="Dw/Dg, white- to grey-matter diffusivity.")] = 10.0,
+    tensor: Annotated[Optional[Path], typer.Option("--tensor", help="DTI tensor, FSL dtifit 6 volumes (Dxx Dxy Dxz Dyy Dyz Dzz): anisotropic growth.")] = None,
+    fa: Annotated[Optional[Path], typer.Option("--fa", help="FA map, with --peaks: anisotropic growth.")] = None,
+    peaks: Annotated[Optional[Path], typer.Option("--peaks", help="Fibre peaks (MRtrix/TractSeg, world frame); the first peak is used.")] = None,
+    anisotropy: Annotated[float, typer.Option("--anisotropy", help="Anisotropy r >= 1 of the tumour tensor (principal eigenvalue x r, trace kept).")] = 5.0,
+    tensor_method: Annotated[str, typer.Option("--tensor-method", help="Tumour tensor construction: scaled or westin.")] = "scaled",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Forward Fisher-Kolmogorov simulation from a Gaussian seed; writes the tumour cell
-    density on the tissue's grid, with a JSON sidecar of parameters and versions."""
+    density on the tissue's grid, with a JSON sidecar of parameters and versions.
+    With --tensor or --fa/--peaks, growth is anisotropic along the DTI fibres."""
     from rtjax.errors import InputError
-    from rtjax.simulate import load_tissue, simulate_to_file
+    from rtjax.simulate import load_shape_tensor, load_tissue, simulate_to_file
 
     try:
         maps = load_tissue(tissue, atlas=atlas, wm=wm, gm=gm, csf=csf)
+        shape_tensor = None
+        if tensor is not None or fa is not None or peaks is not None:
+            shape_tensor = load_shape_tensor(maps, tensor=tensor, fa=fa, peaks=peaks,
+                                             anisotropy=anisotropy, method=tensor_method)
         density_path, sidecar = simulate_to_file(
             out, maps, dw=dw, rho=rho, days=days, ratio=ratio,
-            origin_mm=origin_mm, origin_vox=origin_vox, progress=progress,
+            origin_mm=origin_mm, origin_vox=origin_vox, shape_tensor=shape_tensor,
+            progress=progress,
         )
     except (InputError, ValueError, FileNotFoundError) as err:
         _fail(str(err))

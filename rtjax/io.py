@@ -27,6 +27,7 @@ from rtjax.errors import InputError
 from rtjax.labels import LabelConvention, TumourMasks, get_convention, split_labels
 
 __all__ = [
+    "resample_image",
     "CANONICAL_NAMES",
     "LOAD_KINDS",
     "SAVE_KINDS",
@@ -686,3 +687,17 @@ def load_tumour_masks(
             f"({labels})",
         )
     return masks, image
+
+
+def resample_image(source: Image, target: Image, *, order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """`source`'s data on `target`'s grid (canonical arrays), through the world coordinates
+    of both affines: spline interpolation of the given order (0 nearest, 1 trilinear);
+    `cval` outside the source's field of view."""
+    from scipy.ndimage import map_coordinates
+
+    index = np.indices(target.shape, dtype=np.float64).reshape(3, -1).T
+    world = _apply_affine(target.affine, index)
+    source_index = _apply_affine(np.linalg.inv(source.affine), world)
+    data = source.data.astype(np.float32) if source.data.dtype == bool else source.data
+    values = map_coordinates(data, source_index.T, order=order, mode="constant", cval=cval)
+    return values.reshape(target.shape)

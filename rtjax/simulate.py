@@ -17,6 +17,8 @@ __all__ = [
     "load_tissue",
     "resolve_origin",
     "SimulationResult",
+    "ShapeTensor",
+    "load_shape_tensor",
     "simulate_density",
     "simulate_to_file",
 ]
@@ -120,6 +122,66 @@ class SimulationResult:
     info: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ShapeTensor:
+    """The white-matter growth shape tensor on the tissue grid, and where it came from.
+
+    Attributes:
+        components: (6, *grid) in the order xx, xy, xz, yy, yz, zz, canonical voxel
+            frame, dimensionless with trace 3 (see `growth.tumour_tensor`).
+        info: source files, anisotropy and construction, for provenance.
+    """
+
+    components: np.ndarray
+    info: dict[str, Any]
+
+
+def load_shape_tensor(
+    tissue: Tissue,
+    *,
+    tensor: str | Path | None = None,
+    fa: str | Path | None = None,
+    peaks: str | Path | None = None,
+    anisotropy: float = 5.0,
+    method: str = "scaled",
+) -> ShapeTensor:
+    """Read DTI (an FSL dtifit six-volume `tensor`, or `fa` + `peaks`), resample it onto the
+    tissue grid through the affines (tensors rotated with the grid, PPD), and build the
+    trace-3 tumour shape tensor with the given anisotropy (`growth.tumour_tensor`).
+
+    Voxels outside the DTI field of view get the identity (isotropic growth).
+    """
+    from growth import tumour_tensor
+    from rtjax.tensor_io import load_tensor_fa_peaks, load_tensor_fsl, resample_tensor
+
+    if (tensor is None) == (fa is None and peaks is None):
+        raise ValueError("give either --tensor FILE or both --fa FILE and --peaks FILE")
+    if tensor is None and (fa is None or peaks is None):
+        raise ValueError("--fa and --peaks go together")
+    if not np.isfinite(anisotropy) or anisotropy < 1:
+        raise ValueError(f"anisotropy must be >= 1, got {anisotropy}")
+    if tensor is not None:
+        dti, source = load_tensor_fsl(tensor)
+        sources = {"tensor": str(tensor)}
+    else:
+        dti, source = load_tensor_fa_peaks(fa, peaks)
+        sources = {"fa": str(fa), "peaks": str(peaks)}
+    dti = resample_tensor(dti, source, tissue.reference)
+    shape = np.asarray(tumour_tensor(dti, anisotropy=anisotropy, method=method), np.float32)
+    return ShapeTensor(
+        components=shape,
+        info={**sources, "anisotropy": anisotropy, "method": method},
+    )
+
+
+def _tissue_box(tissue_mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+    """The bounding box of the tissue (plus `margin` voxels): nothing grows outside it."""
+    idx = np.argwhere(tissue_mask)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, tissue_mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def simulate_density(
     tissue: Tissue,
     *,
@@ -130,9 +192,13 @@ def simulate_density(
     origin_mm=None,
     origin_vox=None,
     seed=None,
+    shape_tensor: ShapeTensor | None = None,
     progress: bool = False,
 ) -> SimulationResult:
     """Grow a tumour from a Gaussian seed for `days` days on `tissue`.
+
+    The solve runs on the bounding box of the tissue (exact: no density can reach voxels
+    without tissue) and is embedded back into the full grid.
 
     Args:
         dw: white-matter diffusivity, mm^2/day (grey matter gets dw / ratio).
@@ -140,10 +206,13 @@ def simulate_density(
         days: simulated time, days.
         origin_mm / origin_vox: the seed centre (see `resolve_origin`).
         seed: a `growth.GaussianSeed` (default sigma 3.2 mm, 0.5 peak, cut at 0.1).
+        shape_tensor: anisotropic growth along fibres (`load_shape_tensor`); isotropic
+            if None.
     """
     import jax.numpy as jnp
 
     from growth import FKParams, FKSimulator, GaussianSeed, Grid
+    from growth.anisotropic import AnisotropicFKSimulator
 
     for name, value, low in (("dw", dw, 0.0), ("rho", rho, 0.0), ("days", days, 0.0)):
         if not np.isfinite(value) or value < low:
@@ -153,20 +222,29 @@ def simulate_density(
     ref = tissue.reference
     index = resolve_origin(ref, origin_mm=origin_mm, origin_vox=origin_vox)
     nearest = tuple(int(v) for v in np.clip(np.rint(index), 0, np.asarray(ref.shape) - 1))
-    if tissue.wm.data[nearest] + tissue.gm.data[nearest] <= 0:
+    wm, gm = tissue.wm.data, tissue.gm.data
+    if wm[nearest] + gm[nearest] <= 0:
         raise ValueError(
             f"the seed origin (canonical voxel {list(nearest)}) lies outside tissue "
             "(wm + gm = 0 there: CSF or background); choose an origin in the brain"
         )
-    grid = Grid(ref.shape, ref.spacing)
-    sim = FKSimulator.create(
-        tissue.wm.data, tissue.gm.data, grid, dw_max=dw, t_max=days,
-        seed=seed or GaussianSeed(), progress=progress,
-    )
+    box = _tissue_box(wm + gm > 0)
+    corner = np.array([s.start for s in box], float)
+    grid = Grid(tuple(s.stop - s.start for s in box), ref.spacing)
+    seed = seed or GaussianSeed()
+    if shape_tensor is None:
+        sim = FKSimulator.create(wm[box], gm[box], grid, dw_max=dw, t_max=days,
+                                 seed=seed, progress=progress)
+    else:
+        sim = AnisotropicFKSimulator.create(
+            wm[box], gm[box], shape_tensor.components[(slice(None), *box)], grid,
+            dw_max=dw, t_max=days, seed=seed, progress=progress,
+        )
     start = time.perf_counter()
-    origin_grid_mm = index * np.asarray(grid.spacing)
-    density = sim(FKParams(dw, rho, ratio), jnp.asarray(origin_grid_mm), days)
-    density = np.asarray(density, dtype=np.float32)
+    origin_grid_mm = (index - corner) * np.asarray(grid.spacing)
+    cropped = sim(FKParams(dw, rho, ratio), jnp.asarray(origin_grid_mm), days)
+    density = np.zeros(ref.shape, np.float32)
+    density[box] = np.asarray(cropped, dtype=np.float32)
     seconds = time.perf_counter() - start
     info = {
         "dw_mm2_per_day": dw,
@@ -176,12 +254,15 @@ def simulate_density(
         "days": days,
         "origin_world_mm": np.asarray(ref.voxel_to_world(index), float).round(4).tolist(),
         "origin_canonical_voxel": index.round(4).tolist(),
-        "seed": {"sigma_mm": sim.seed.sigma, "amplitude": sim.seed.amplitude, "cutoff": sim.seed.cutoff},
+        "seed": {"sigma_mm": seed.sigma, "amplitude": seed.amplitude, "cutoff": seed.cutoff},
         "time_step_days": sim.dt,
         "steps": int(np.ceil(days / sim.dt)) if days > 0 else 0,
-        "grid_shape": list(grid.shape),
+        "grid_shape": list(ref.shape),
+        "solved_box": [[s.start, s.stop] for s in box],
         "spacing_mm": list(grid.spacing),
         "tissue": tissue.sources,
+        "anisotropic": None if shape_tensor is None else {
+            **shape_tensor.info, "stencil_offsets": len(sim.offsets)},
         "seconds": round(seconds, 3),
         "tumour_volume_ml": {
             f"c>={u}": float((density >= u).sum() * grid.voxel_volume / 1000.0)

@@ -548,3 +548,26 @@ def test_real_atlas_probability_maps(data_dir):
     assert gm.shape == (197, 233, 189)
     assert gm.data.min() == 0.0 and gm.data.max() == 1.0  # uint8 255 -> 1
     assert 0.05 < gm.data.mean() < 0.5
+
+
+def test_resample_image_goes_through_world_coordinates():
+    from rtjax.io import Image, resample_image
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(size=(6, 7, 8)).astype(np.float32)
+    affine = np.diag([2.0, 1.5, 1.0, 1.0])
+    affine[:3, 3] = [-5.0, 3.0, 2.0]
+    source = Image.from_array(data, affine)
+    # Identity: exact.
+    np.testing.assert_allclose(resample_image(source, source, order=1), data, atol=1e-6)
+    # The same world grid stored LPS with permuted axes: nearest neighbour is a relabelling.
+    flipped = np.array([[0, -2.0, 0, 5.0], [-1.5, 0, 0, 12.0], [0, 0, 1.0, 2.0], [0, 0, 0, 1]])
+    stored = np.transpose(data[::-1, ::-1, :], (1, 0, 2))
+    target = Image.from_array(stored, flipped)
+    np.testing.assert_allclose(target.data, data, atol=0)  # canonical views agree
+    np.testing.assert_allclose(resample_image(source, target, order=0), data, atol=0)
+    # Half a voxel outside the field of view is cval.
+    shifted = affine.copy()
+    shifted[:3, 3] += [2.0 * 6, 0, 0]
+    far = Image.from_array(data, shifted)
+    assert np.all(resample_image(source, far, order=1, cval=-1.0) == -1.0)
