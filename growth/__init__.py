@@ -1,5 +1,7 @@
 """growth: a differentiable Fisher-Kolmogorov glioma growth model in JAX.
 
+The learned inverse model lives in `growth.inverse` (it needs flax; `import growth` does not).
+
 Arrays and voxel spacing in, arrays out: no files, no patients. Units: mm, days,
 D in mm^2/day, rho in 1/day, density c in [0, 1].
 """
@@ -87,24 +89,4 @@ __all__ = [
     "fit_tensor_dwi",
     "westin_measures",
     "tumour_tensor",
-    "GeneratorConfig",
-    "SamplingRanges",
-    "NetConfig",
-    "InverseNet",
-    "crop_around",
-    "resample_affine",
-    "create_ensemble",
-    "ensemble_apply",
 ]
-
-# The learned inverse model (imports flax).
-from growth.inverse import (  # noqa: E402
-    GeneratorConfig,
-    InverseNet,
-    NetConfig,
-    SamplingRanges,
-    create_ensemble,
-    crop_around,
-    ensemble_apply,
-    resample_affine,
-)

@@ -1,0 +1,321 @@
+"""Fitting the growth model to one case: masks + tissue -> parameters and density.
+
+The fit runs on a working grid around the tumour: the bounding box of the visible tumour
+plus a margin, block-averaged to about `working_spacing_mm`, coarser for large boxes so
+that it has at most about `max_working_voxels` per axis (masks become voxel fractions,
+which the soft-Dice loss takes as they are). The starting point is the inverse network's
+estimate when given, else `growth.fit.heuristic_estimate`; `growth.fit.refine` then
+optimises it through the solver. The final density is simulated with the fitted
+parameters at the case's own resolution on the same box and embedded in the full grid.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rtjax.labels import TumourMasks
+
+__all__ = [
+    "CaseFit",
+    "fill_lesion_tissue",
+    "tumour_box",
+    "block_average",
+    "network_estimate",
+    "fit_case",
+    "fit_case_dir",
+]
+
+
+@dataclass
+class CaseFit:
+    """A fitted case: the density on the case's canonical grid and the record of the fit."""
+
+    density: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+    loss_curve: list[float] = field(default_factory=list)
+
+
+def fill_lesion_tissue(wm: np.ndarray, gm: np.ndarray, lesion: np.ndarray):
+    """Give lesion voxels without tissue the tissue of the nearest voxel outside the
+    lesion that has some (segmentations often leave the tumour region empty).
+
+    Returns wm, gm and the number of voxels filled.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    empty = lesion & (wm + gm <= 0)
+    if not empty.any():
+        return wm, gm, 0
+    source = (wm + gm > 0) & ~lesion
+    if not source.any():
+        raise ValueError("tissue maps are empty around the lesion: nothing to fill it from")
+    _, nearest = distance_transform_edt(~source, return_indices=True)
+    wm, gm = wm.copy(), gm.copy()
+    idx = tuple(n[empty] for n in nearest)
+    wm[empty], gm[empty] = wm[idx], gm[idx]
+    return wm, gm, int(empty.sum())
+
+
+def tumour_box(whole: np.ndarray, spacing, margin_mm: float) -> tuple[slice, ...]:
+    """Bounding box of the visible tumour grown by `margin_mm` per side, within the grid."""
+    idx = np.argwhere(whole)
+    pad = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + 1 + pad, whole.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def block_average(array: np.ndarray, factors) -> np.ndarray:
+    """Mean over blocks of `factors` voxels (zero-padded up to a multiple)."""
+    pads = [(0, (-n) % f) for n, f in zip(array.shape, factors)]
+    padded = np.pad(array.astype(np.float32), pads)
+    shape = []
+    for n, f in zip(padded.shape, factors):
+        shape += [n // f, f]
+    return padded.reshape(shape).mean(axis=(1, 3, 5))
+
+
+def network_estimate(core, edema, wm, gm, spacing, box, factors, weights=None):
+    """The inverse network's estimate (full-grid arrays) as a `FitEstimate` on the working
+    grid of `box` / `factors`, and the raw prediction (for params.json)."""
+    import jax.numpy as jnp
+
+    from growth.fit import FitEstimate
+    from rtjax.inverse_model import predict
+
+    raw = predict(core, edema, wm, gm, spacing, weights=weights)
+    full_vox = np.asarray(raw["origin_mm"], float) / np.asarray(spacing, float)
+    corner = np.array([s.start for s in box], float)
+    factors = np.asarray(factors, float)
+    work_vox = (full_vox - corner - (factors - 1) / 2) / factors
+    estimate = FitEstimate(
+        origin_mm=jnp.asarray(work_vox * np.asarray(spacing) * factors, jnp.float32),
+        sqrt_dw_t=jnp.asarray(raw["sqrt_dw_t"], jnp.float32),
+        sqrt_rho_t=jnp.asarray(raw["sqrt_rho_t"], jnp.float32),
+        u_t1=jnp.asarray(np.clip(raw["u_t1"], 0.51, 0.84), jnp.float32),
+        u_fl=jnp.asarray(np.clip(raw["u_fl"], 0.06, 0.49), jnp.float32),
+    )
+    return estimate, raw
+
+
+def fit_case(
+    masks: TumourMasks,
+    wm: np.ndarray,
+    gm: np.ndarray,
+    spacing,
+    *,
+    initial="network",
+    weights=None,
+    working_spacing_mm: float = 2.0,
+    max_working_voxels: int = 48,
+    margin_mm: float = 30.0,
+    config=None,
+    bounds=None,
+    assumed_days: float = 365.0,
+    progress: bool = False,
+) -> CaseFit:
+    """Fit the FK model to a case's masks on its tissue (canonical arrays, spacing in mm).
+
+    Args:
+        masks: the observed necrosis / enhancing / edema.
+        wm, gm: tissue probabilities on the same grid.
+        initial: "network" (the shipped inverse model, or `weights`), "heuristic" (from
+            the masks alone), or a `growth.fit.FitEstimate` on the working grid.
+        assumed_days: only Dw*T and rho*T are identifiable; Dw and rho are also reported
+            for this T (days).
+    """
+    import jax.numpy as jnp
+
+    from growth import Grid, visible_masks
+    from growth.fit import (
+        FitBounds,
+        FitConfig,
+        dice,
+        heuristic_estimate,
+        make_fit_simulator,
+        refine,
+        simulate_adaptive,
+    )
+
+    start = time.perf_counter()
+    core, edema = masks.core, masks.edema
+    whole = core | edema
+    if not whole.any():
+        raise ValueError("empty tumour: no core and no edema voxels to fit")
+    spacing = np.asarray(spacing, float)
+    wm, gm, filled = fill_lesion_tissue(np.asarray(wm, np.float32), np.asarray(gm, np.float32), whole)
+    if filled:
+        warnings.warn(
+            f"{filled} tumour voxels had no tissue; filled from the nearest surrounding tissue",
+            stacklevel=2,
+        )
+    box = tumour_box(whole, spacing, margin_mm)
+    extent_mm = max((s.stop - s.start) * h for s, h in zip(box, spacing))
+    target_mm = max(working_spacing_mm, extent_mm / max_working_voxels)
+    factors = tuple(max(1, int(round(target_mm / h))) for h in spacing)
+    work_spacing = tuple(float(h * f) for h, f in zip(spacing, factors))
+    work = {name: block_average(a[box], factors) for name, a in
+            (("core", core), ("edema", edema), ("wm", wm), ("gm", gm))}
+    grid = Grid(work["core"].shape, work_spacing)
+    network = None
+    if isinstance(initial, str):
+        if initial == "network":
+            initial, network = network_estimate(core, edema, wm, gm, spacing, box, factors, weights)
+        elif initial == "heuristic":
+            initial = heuristic_estimate(work["core"] > 0.5, work["edema"] > 0.5, work_spacing)
+        else:
+            raise ValueError(f"initial must be 'network', 'heuristic' or a FitEstimate, not {initial!r}")
+    bar = _progress_bar(config or FitConfig(), progress)
+    result = refine(
+        work["core"], work["edema"], work["wm"], work["gm"], grid, initial,
+        config=config or FitConfig(), bounds=bounds or FitBounds(),
+        callback=None if bar is None else (lambda i, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.4f}")),
+    )
+    if bar is not None:
+        bar.close()
+    est = result.estimate
+    # Working-grid mm -> native box index: block j covers native voxels f*j .. f*j+f-1.
+    origin_work_vox = np.asarray(est.origin_mm) / np.asarray(work_spacing)
+    origin_box_vox = origin_work_vox * np.asarray(factors) + (np.asarray(factors) - 1) / 2
+    native = Grid(tuple(s.stop - s.start for s in box), tuple(spacing))
+    sim = make_fit_simulator(wm[box], gm[box], native, float(est.sqrt_dw_t))
+    box_density = simulate_adaptive(sim, est.params(), jnp.asarray(origin_box_vox * spacing))
+    density = np.zeros(core.shape, np.float32)
+    density[box] = np.asarray(box_density, np.float32)
+    sim_core, sim_edema = (np.asarray(m) for m in visible_masks(density, est.u_t1, est.u_fl))
+    edge = _box_edge_max(np.asarray(box_density), box, core.shape)
+    if edge > 1e-3:
+        warnings.warn(f"the fitted density reaches {edge:.3g} at the edge of the {margin_mm} mm "
+                      "margin box; increase margin_mm", stacklevel=2)
+    estimate = est.as_dict()
+    corner = np.array([s.start for s in box], float)
+    info = {
+        "scaled_parameters": estimate,
+        "T_convention": (
+            "only Dw*T and rho*T are identifiable from one time point; dw_mm2_per_day and "
+            f"rho_per_day are given for an assumed T = {assumed_days} days"
+        ),
+        "assumed_days": assumed_days,
+        "dw_mm2_per_day": estimate["dw_t_mm2"] / assumed_days,
+        "dg_mm2_per_day": estimate["dw_t_mm2"] / assumed_days / (config or FitConfig()).ratio,
+        "rho_per_day": estimate["rho_t"] / assumed_days,
+        "ratio": (config or FitConfig()).ratio,
+        "origin_canonical_voxel": (corner + origin_box_vox).round(3).tolist(),
+        "u_t1": estimate["u_t1"],
+        "u_fl": estimate["u_fl"],
+        "initial_estimate": result.initial.as_dict(),
+        "network": None if network is None else {
+            "weights_version": network.get("weights_version"),
+            "ensemble_spread": _plain(network.get("ensemble_spread")),
+            "warnings": list(network.get("warnings", [])),
+        },
+        "final_loss": result.best_loss,
+        "iterations": len(result.loss_curve),
+        "best_iteration": result.best_iteration,
+        "stopped_early": result.stopped_early,
+        "dice_core": dice(sim_core, core),
+        "dice_edema": dice(sim_edema, edema),
+        "dice_core_working_grid": result.dice_core,
+        "dice_edema_working_grid": result.dice_edema,
+        "working_spacing_mm": list(work_spacing),
+        "fit_box": [[s.start, s.stop] for s in box],
+        "lesion_voxels_filled_with_tissue": filled,
+        "density_at_box_edge": edge,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return CaseFit(density=density, info=info, loss_curve=result.loss_curve)
+
+
+def _box_edge_max(density: np.ndarray, box, shape) -> float:
+    """Largest density on the faces of the box that are inside the grid (the grid's own
+    faces are a true no-flux boundary, the box's inner faces are not)."""
+    values = [0.0]
+    for axis, (s, n) in enumerate(zip(box, shape)):
+        if s.start > 0:
+            values.append(float(np.take(density, 0, axis=axis).max()))
+        if s.stop < n:
+            values.append(float(np.take(density, -1, axis=axis).max()))
+    return max(values)
+
+
+def _progress_bar(config, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.max_iterations, desc="fit", unit="it")
+
+
+def _plain(value):
+    """numpy values -> JSON-friendly Python values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def fit_case_dir(
+    case_dir,
+    out_dir,
+    *,
+    labels: str,
+    ignore_labels=(),
+    overrides=None,
+    initial="network",
+    progress: bool = True,
+    **fit_options,
+):
+    """Fit one case folder (its `seg`, `wm`, `gm`; `overrides` names other files, and an
+    `edema` override gives the edema as a separate mask, as in TUM/Lipkova data) and write
+    `density.nii.gz` and `params.json` into `out_dir`; returns (CaseFit, paths).
+    """
+    from pathlib import Path
+
+    from rtjax.errors import InputError
+    from rtjax.io import check_same_grid, find_case_files, load_image, load_tumour_masks, save_image
+    from rtjax.labels import get_convention
+    from rtjax.provenance import run_metadata, write_json_atomic
+
+    overrides = dict(overrides or {})
+    edema_path = overrides.pop("edema", None)
+    files = find_case_files(case_dir, overrides=overrides)
+    for name in ("seg", "wm", "gm"):
+        if name not in files:
+            raise InputError(case_dir, f"missing {name!r} (looked for {name}.nii[.gz]; pass --{name} FILE)")
+    convention = get_convention(labels)
+    masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
+    images = {"seg": reference}
+    images.update({k: load_image(files[k], kind="probability") for k in ("wm", "gm")})
+    if edema_path is not None:
+        edema_image = load_image(Path(edema_path), kind="mask")
+        images["edema"] = edema_image
+        masks = TumourMasks(necrosis=masks.necrosis, enhancing=masks.enhancing,
+                            edema=edema_image.data & ~masks.core)
+    check_same_grid(images)
+    if masks.is_empty():
+        raise InputError(files["seg"], "empty tumour: no core and no edema voxels to fit")
+    result = fit_case(masks, images["wm"].data, images["gm"].data, reference.spacing,
+                      initial=initial, progress=progress, **fit_options)
+    index = np.asarray(result.info["origin_canonical_voxel"], float)
+    world = reference.voxel_to_world(index)
+    file_vox = np.linalg.solve(reference.original_affine, np.append(world, 1.0))[:3]
+    result.info.update({
+        "origin_world_mm": np.round(world, 3).tolist(),
+        "origin_file_voxel": np.round(file_vox, 3).tolist(),
+        "labels": convention.name,
+        "ignored_labels": list(ignore_labels),
+        "inputs": {k: str(v) for k, v in files.items()} | ({"edema": str(edema_path)} if edema_path else {}),
+    })
+    out_dir = Path(out_dir)
+    paths = [
+        save_image(result.density, reference, out_dir / "density.nii.gz", kind="density"),
+        write_json_atomic(out_dir / "params.json", {**result.info, "loss_curve": result.loss_curve,
+                                                     **run_metadata()}),
+    ]
+    return result, paths
