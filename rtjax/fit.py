@@ -293,7 +293,10 @@ def fit_case_dir(
     images = {"seg": reference}
     images.update({k: load_image(files[k], kind="probability") for k in ("wm", "gm")})
     if edema_path is not None:
-        edema_image = load_image(Path(edema_path), kind="mask")
+        edema_path = Path(edema_path)
+        if not edema_path.is_absolute() and edema_path.parent == Path("."):
+            edema_path = Path(case_dir) / edema_path  # a bare name lives in the case folder
+        edema_image = load_image(edema_path, kind="mask")
         images["edema"] = edema_image
         masks = TumourMasks(necrosis=masks.necrosis, enhancing=masks.enhancing,
                             edema=edema_image.data & ~masks.core)
