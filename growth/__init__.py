@@ -25,6 +25,7 @@ from growth.grid import Grid, stability_limit, stable_time_step
 from growth.imaging import soft_visible_masks, visible_masks
 from growth.seed import GaussianSeed
 from growth.solver import (
+    AbstractFKSimulator,
     FKArgs,
     FKParams,
     FKSimulator,
@@ -70,6 +71,7 @@ __all__ = [
     "soft_visible_masks",
     "FKParams",
     "FKArgs",
+    "AbstractFKSimulator",
     "FKSimulator",
     "LogisticSplitEuler",
     "logistic_flow",

@@ -43,7 +43,7 @@ from jaxtyping import Array, Float
 from growth.diffusion import AbstractDiffusion, harmonic_mean
 from growth.grid import Grid
 from growth.seed import GaussianSeed
-from growth.solver import FKParams, solve_fk
+from growth.solver import AbstractFKSimulator, FKParams
 
 __all__ = [
     "selling_decomposition",
@@ -283,7 +283,7 @@ class StencilDiffusion(AbstractDiffusion):
         return jnp.max(self.outflow_rate())
 
 
-class AnisotropicFKSimulator(eqx.Module):
+class AnisotropicFKSimulator(AbstractFKSimulator):
     """FK forward model with D(x) = Dw [p_wm A(x) + p_gm / ratio I]: (params, origin, time)
     -> density, like `growth.FKSimulator` (same call, vmap and gradients; Dw, rho, ratio,
     origin and time are traced; the white-matter shape tensor A is fixed at creation).
@@ -370,9 +370,8 @@ class AnisotropicFKSimulator(eqx.Module):
         return dataclasses.replace(sim, dt=float(dt), max_steps=max_steps)
 
     @property
-    def t_max(self) -> float:
-        """Longest simulated time this simulator is built for, days."""
-        return self.dt * (self.max_steps - 1)
+    def dtype(self):
+        return self.tissue.dtype
 
     def voxel_weights(self, params: FKParams) -> Array:
         """lambda_e(x) of D = Dw [p_wm A + p_gm / ratio I] per offset, 1/day."""
@@ -391,34 +390,8 @@ class AnisotropicFKSimulator(eqx.Module):
         c0 = self.seed(self.grid, origin_mm, self.tissue.dtype)
         return jnp.where(self.tissue > 0, c0, 0.0)
 
-    def __call__(self, params: FKParams, origin_mm, t_final, save_times=None) -> Array:
-        """Density after `t_final` days from a seed at `origin_mm` (grid mm, 3 values)."""
-        dtype = self.tissue.dtype
-        as_array = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-        return _simulate(
-            self,
-            jax.tree.map(as_array, params),
-            as_array(origin_mm),
-            as_array(t_final),
-            None if save_times is None else as_array(save_times),
-        )
-
 
 @eqx.filter_jit
 def _rate_bound(sim: AnisotropicFKSimulator, params: FKParams) -> Array:
     params = jax.tree.map(lambda x: jnp.asarray(x, sim.tissue.dtype), params)
     return sim.diffusion(params).rate_bound()
-
-
-@eqx.filter_jit
-def _simulate(sim: AnisotropicFKSimulator, params, origin_mm, t_final, save_times):
-    return solve_fk(
-        sim.initial_density(origin_mm),
-        sim.diffusion(params),
-        params.rho,
-        t_final,
-        dt=sim.dt,
-        max_steps=sim.max_steps,
-        save_times=save_times,
-        progress=sim.progress,
-    )

@@ -23,10 +23,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from growth.diffusion import FaceDiffusion, face_coefficients
 from growth.grid import Grid
 from growth.imaging import soft_visible_masks, visible_masks
-from growth.solver import FKParams, FKSimulator, solve_fk
+from growth.solver import AbstractFKSimulator, FKParams, FKSimulator, solve_fk
 
 __all__ = [
     "FitEstimate",
@@ -249,14 +248,14 @@ def make_fit_simulator(wm, gm, grid: Grid, sqrt_dw_t_max: float) -> FKSimulator:
     return FKSimulator.create(wm, gm, grid, dw_max=sqrt_dw_t_max**2, t_max=1.0)
 
 
-def simulate_adaptive(sim: FKSimulator, params: FKParams, origin_mm, safety: float = 0.9) -> Array:
+def simulate_adaptive(sim: AbstractFKSimulator, params: FKParams, origin_mm, safety: float = 0.9) -> Array:
     """The density at scaled time 1 with a step chosen for *these* parameters.
 
     The step is `safety` times the monotonicity limit of the current diffusivity (held
     constant under differentiation), so small diffusivities take few steps; `sim.max_steps`
     (set for the largest admissible diffusivity) bounds the loop.
     """
-    diffusion = FaceDiffusion(face_coefficients(sim.diffusivity(params), sim.grid))
+    diffusion = sim.diffusion(params)
     rate = jax.lax.stop_gradient(diffusion.rate_bound())
     dt = safety / jnp.maximum(rate, safety)  # at most 1: one step to t = 1
     return solve_fk(sim.initial_density(origin_mm), diffusion, params.rho, 1.0,

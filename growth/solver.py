@@ -12,6 +12,7 @@ diffrax's checkpointed adjoint.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import ClassVar
 
@@ -35,6 +36,7 @@ from growth.seed import GaussianSeed
 __all__ = [
     "FKParams",
     "FKArgs",
+    "AbstractFKSimulator",
     "LogisticSplitEuler",
     "logistic_flow",
     "fk_rhs",
@@ -169,7 +171,60 @@ def solve_fk(
     return solution.ys[-1] if save_times is None else solution.ys
 
 
-class FKSimulator(eqx.Module):
+class AbstractFKSimulator(eqx.Module):
+    """(params, origin, time) -> density for a fixed anatomy, step and step bound.
+
+    Subclasses give the discretised diffusion operator for a parameter set and the
+    initial density; calling one turns Python numbers into arrays first, so new values
+    never recompile, and is `jax.vmap`-able and differentiable in all arguments.
+    """
+
+    @abc.abstractmethod
+    def diffusion(self, params: FKParams) -> AbstractDiffusion:
+        """The discretised diffusion operator for these parameters."""
+
+    @abc.abstractmethod
+    def initial_density(self, origin_mm) -> Array:
+        """The seed at `origin_mm` (grid mm), zero outside tissue."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self):
+        """The floating dtype of the solve."""
+
+    @property
+    def t_max(self) -> float:
+        """Longest simulated time this simulator is built for, days."""
+        return self.dt * (self.max_steps - 1)
+
+    def __call__(self, params: FKParams, origin_mm, t_final, save_times=None) -> Array:
+        """Density after `t_final` days from a seed at `origin_mm` (grid mm, 3 values);
+        with `save_times` (days), the densities at those times, stacked."""
+        as_array = lambda x: jnp.asarray(x, self.dtype)  # noqa: E731
+        return _simulate(
+            self,
+            jax.tree.map(as_array, params),
+            as_array(origin_mm),
+            as_array(t_final),
+            None if save_times is None else as_array(save_times),
+        )
+
+
+@eqx.filter_jit
+def _simulate(sim: AbstractFKSimulator, params: FKParams, origin_mm, t_final, save_times):
+    return solve_fk(
+        sim.initial_density(origin_mm),
+        sim.diffusion(params),
+        params.rho,
+        t_final,
+        dt=sim.dt,
+        max_steps=sim.max_steps,
+        save_times=save_times,
+        progress=sim.progress,
+    )
+
+
+class FKSimulator(AbstractFKSimulator):
     """A tissue-specific FK forward model: (params, origin, time) -> density.
 
     Build it once with `FKSimulator.create`; calling it with new parameter values never
@@ -231,9 +286,8 @@ class FKSimulator(eqx.Module):
         )
 
     @property
-    def t_max(self) -> float:
-        """Longest simulated time this simulator is built for, days."""
-        return self.dt * (self.max_steps - 1)
+    def dtype(self):
+        return self.wm.dtype
 
     def diffusivity(self, params: FKParams) -> Array:
         """D(x), mm^2/day."""
@@ -244,33 +298,6 @@ class FKSimulator(eqx.Module):
         c0 = self.seed(self.grid, origin_mm, self.wm.dtype)
         return jnp.where(self.wm + self.gm > 0, c0, 0.0)
 
-    def __call__(self, params: FKParams, origin_mm, t_final, save_times=None) -> Array:
-        """Density after `t_final` days from a seed at `origin_mm` (grid mm, 3 values).
-
-        Python numbers are turned into arrays first, so new values never recompile.
-        With `save_times` (days), returns the densities at those times, stacked.
-        """
-        dtype = self.wm.dtype
-        as_array = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-        return _simulate(
-            self,
-            jax.tree.map(as_array, params),
-            as_array(origin_mm),
-            as_array(t_final),
-            None if save_times is None else as_array(save_times),
-        )
-
-
-@eqx.filter_jit
-def _simulate(sim: FKSimulator, params: FKParams, origin_mm, t_final, save_times):
-    diffusion = FaceDiffusion(face_coefficients(sim.diffusivity(params), sim.grid))
-    return solve_fk(
-        sim.initial_density(origin_mm),
-        diffusion,
-        params.rho,
-        t_final,
-        dt=sim.dt,
-        max_steps=sim.max_steps,
-        save_times=save_times,
-        progress=sim.progress,
-    )
+    def diffusion(self, params: FKParams) -> FaceDiffusion:
+        """The 6-neighbour flux-form operator for these parameters."""
+        return FaceDiffusion(face_coefficients(self.diffusivity(params), self.grid))
