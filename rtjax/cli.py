@@ -108,6 +108,98 @@ def fit(
         typer.echo(f"wrote {path}")
 
 
+_RUN_HELP = {
+    "labels": "Label convention of seg: brats2021, brats2023, brats2015, gliodil, tum.",
+    "ignore_labels": "Label values to drop explicitly (repeatable).",
+    "margin_mm": "Standard CTV margin from the tumour core, mm [default: 15].",
+    "start": "Fit start: network or heuristic [default: network].",
+    "iterations": "Refinement iterations at most [default: 120].",
+    "config": "YAML mapping of these option names (labels, ignore_labels, margin_mm, start, "
+              "iterations); command-line values win.",
+}
+
+
+def _run_options(config, **given):
+    """Resolve --config and the command line into run_case keyword arguments."""
+    from rtjax.pipeline import resolve_options
+
+    options = resolve_options(config, **given)
+    return {"labels": options["labels"], "ignore_labels": tuple(options["ignore_labels"]),
+            "margin_mm": options["margin_mm"], "initial": options["start"],
+            "fit_iterations": options["iterations"]}
+
+
+@app.command()
+def run(
+    case_dir: Annotated[Path, typer.Argument(help="Case folder with seg, wm, gm [brain_mask, recurrence, t1c, flair].")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (written via OUT.partial, then renamed).")],
+    labels: Annotated[Optional[str], typer.Option("--labels", help=_RUN_HELP["labels"])] = None,
+    ignore_labels: Annotated[Optional[list[int]], typer.Option("--ignore-labels", help=_RUN_HELP["ignore_labels"])] = None,
+    margin_mm: Annotated[Optional[float], typer.Option("--margin-mm", help=_RUN_HELP["margin_mm"])] = None,
+    start: Annotated[Optional[str], typer.Option("--start", help=_RUN_HELP["start"])] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help=_RUN_HELP["iterations"])] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help=_RUN_HELP["config"])] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """The whole pipeline for one segmented case: fit, density, standard and iso-volumetric
+    model CTVs, recurrence coverage when a recurrence is given, and a report figure, all on
+    the input grid."""
+    from rtjax.errors import InputError
+    from rtjax.pipeline import run_case
+
+    try:
+        options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
+                               margin_mm=margin_mm, start=start, iterations=iterations)
+        summary = run_case(case_dir, out, progress=progress, **options)
+    except (InputError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"standard CTV {summary['standard_volume_ml']:.1f} mL, model CTV "
+               f"{summary['model_volume_ml']:.1f} mL (density >= {summary['cutoff']:.4g})")
+    if summary["coverage"]:
+        cov = summary["coverage"]
+        typer.echo(f"recurrence coverage: standard {100 * cov['standard_coverage']:.1f} %, "
+                   f"model {100 * cov['model_coverage']:.1f} %")
+    for name in summary["outputs"]:
+        typer.echo(f"wrote {out / name}")
+
+
+@app.command()
+def cohort(
+    cohort_dir: Annotated[Path, typer.Argument(help="Folder of case folders (each as for `rtjax run`).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: one folder per case, summary.csv, errors.log, study figures.")],
+    labels: Annotated[Optional[str], typer.Option("--labels", help=_RUN_HELP["labels"])] = None,
+    ignore_labels: Annotated[Optional[list[int]], typer.Option("--ignore-labels", help=_RUN_HELP["ignore_labels"])] = None,
+    margin_mm: Annotated[Optional[float], typer.Option("--margin-mm", help=_RUN_HELP["margin_mm"])] = None,
+    start: Annotated[Optional[str], typer.Option("--start", help=_RUN_HELP["start"])] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help=_RUN_HELP["iterations"])] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help=_RUN_HELP["config"])] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: run only cases i (sorted, 0-based) with i % N == K-1, e.g. one cluster array job per shard.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", help="Only 1: JAX already uses every core; parallelise with one process per --shard.")] = 1,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Run every case of a cohort: resumable (finished cases are skipped, interrupted ones
+    redone), a failing case is logged and the others go on; summary.csv and, with >= 2
+    recurrences, the coverage study at the end. Exit code 1 when some case failed."""
+    from rtjax.errors import InputError
+    from rtjax.pipeline import run_cohort
+
+    try:
+        options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
+                               margin_mm=margin_mm, start=start, iterations=iterations)
+        result = run_cohort(cohort_dir, out, shard=shard, jobs=jobs, progress=progress, **options)
+    except (InputError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"{len(result.processed) + len(result.skipped)} done "
+               f"({len(result.processed)} run now, {len(result.skipped)} already done), "
+               f"{len(result.failed)} failed")
+    for case, message in result.failed:
+        typer.secho(f"failed {case}: {message}", fg=typer.colors.RED, err=True)
+    for path in result.files:
+        typer.echo(f"wrote {path}")
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
 @app.command()
 def benchmark(
     quick: Annotated[bool, typer.Option("--quick", help="Small grids, for a smoke run.")] = False,
