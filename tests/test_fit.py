@@ -111,3 +111,15 @@ def test_fit_command_writes_density_and_params(synthetic_case, tmp_path):
     bad = CliRunner().invoke(app, ["fit", str(tmp_path / "case"), "--out", str(out / "x"),
                                    "--labels", "tum", "--no-progress"])
     assert bad.exit_code == 2 and "seg.nii.gz" in bad.output
+
+
+def test_held_out_evaluation_reports_network_and_refined_rows():
+    from rtjax.fit_evaluation import LEVELS, evaluate_fit, format_fit_table
+
+    result = evaluate_fit(1, iterations=3)
+    (case,) = result["cases"]
+    for stage in ("network", "refined"):
+        assert len(case[stage]["dice"]) == len(LEVELS)
+        assert all(0.0 <= d <= 1.0 for d in case[stage]["dice"])
+    table = format_fit_table(result)
+    assert "network" in table and "refined" in table and "cpu-0.1" in table
