@@ -248,16 +248,19 @@ def make_fit_simulator(wm, gm, grid: Grid, sqrt_dw_t_max: float) -> FKSimulator:
     return FKSimulator.create(wm, gm, grid, dw_max=sqrt_dw_t_max**2, t_max=1.0)
 
 
-def simulate_adaptive(sim: AbstractFKSimulator, params: FKParams, origin_mm, safety: float = 0.9) -> Array:
+def simulate_adaptive(
+    sim: AbstractFKSimulator, params: FKParams, origin_mm, safety: float = 0.9, min_steps: int = 1
+) -> Array:
     """The density at scaled time 1 with a step chosen for *these* parameters.
 
     The step is `safety` times the monotonicity limit of the current diffusivity (held
-    constant under differentiation), so small diffusivities take few steps; `sim.max_steps`
-    (set for the largest admissible diffusivity) bounds the loop.
+    constant under differentiation), so small diffusivities take few steps, but at least
+    `min_steps` (an explicit step moves the density's support by one voxel, so few steps
+    truncate the far tail); `sim.max_steps` (>= min_steps) bounds the loop.
     """
     diffusion = sim.diffusion(params)
     rate = jax.lax.stop_gradient(diffusion.rate_bound())
-    dt = safety / jnp.maximum(rate, safety)  # at most 1: one step to t = 1
+    dt = jnp.minimum(safety / jnp.maximum(rate, safety), 1.0 / min_steps)
     return solve_fk(sim.initial_density(origin_mm), diffusion, params.rho, 1.0,
                     dt=dt, max_steps=sim.max_steps)
 

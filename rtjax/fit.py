@@ -11,6 +11,7 @@ parameters at the case's own resolution on the same box and embedded in the full
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +30,11 @@ __all__ = [
     "fit_case",
     "fit_case_dir",
 ]
+
+
+#: The final density takes at least this many steps, so its low-density tail (which sets
+#: the iso-volumetric model CTV) reaches as far as that many voxels from the visible tumour.
+FINAL_MIN_STEPS = 200
 
 
 @dataclass
@@ -184,7 +190,9 @@ def fit_case(
     origin_box_vox = origin_work_vox * np.asarray(factors) + (np.asarray(factors) - 1) / 2
     native = Grid(tuple(s.stop - s.start for s in box), tuple(spacing))
     sim = make_fit_simulator(wm[box], gm[box], native, float(est.sqrt_dw_t))
-    box_density = simulate_adaptive(sim, est.params(), jnp.asarray(origin_box_vox * spacing))
+    sim = dataclasses.replace(sim, max_steps=max(sim.max_steps, FINAL_MIN_STEPS + 1))
+    box_density = simulate_adaptive(sim, est.params(), jnp.asarray(origin_box_vox * spacing),
+                                    min_steps=FINAL_MIN_STEPS)
     density = np.zeros(core.shape, np.float32)
     density[box] = np.asarray(box_density, np.float32)
     sim_core, sim_edema = (np.asarray(m) for m in visible_masks(density, est.u_t1, est.u_fl))

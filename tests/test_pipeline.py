@@ -26,7 +26,7 @@ LPS[:3, 3] = [27.0, 30.0, -20.0]
 DW_T, RHO_T = 12.0, 5.0  # mm^2 and dimensionless: a core of a few mL
 # An 8 mm margin: a 15 mm CTV would fill most of this tiny 50 mm head, beyond the reach of a
 # small tumour's density (an explicit solver spreads one voxel per step).
-FAST = dict(labels="brats2021", initial="heuristic", fit_iterations=15, margin_mm=8.0)
+FAST = dict(labels="brats2021", initial="heuristic", fit_iterations=15, margin_mm=15.0)
 OUTPUTS = ("segmentation.nii.gz", "density.nii.gz", "ctv_standard.nii.gz", "ctv_model.nii.gz",
            "params.json", "report.png", "done.json")
 
@@ -130,7 +130,7 @@ def test_case_outputs_are_on_the_input_grid(cohort):
     assert params["ctv"]["standard_volume_ml"] == pytest.approx(standard.sum() * 0.008)
     assert params["ctv"]["model_volume_ml"] == pytest.approx(model.sum() * 0.008)
     np.testing.assert_array_equal(model, data["density.nii.gz"] >= params["ctv"]["cutoff"])
-    assert params["options"] == {"labels": "brats2021", "ignore_labels": [], "margin_mm": 8.0,
+    assert params["options"] == {"labels": "brats2021", "ignore_labels": [], "margin_mm": 15.0,
                                  "start": "heuristic", "iterations": 15, "weights": None}
     assert params["git_revision"] is not None or "rtjax_version" in params
     cov = json.loads((out / "coverage.json").read_text())
@@ -145,7 +145,7 @@ def test_case_outputs_are_on_the_input_grid(cohort):
 def test_run_case_network_start_and_missing_stages(cohort, tmp_path):
     root, _, _ = cohort
     summary = run_case(root / "in" / "case_a", tmp_path / "a", labels="brats2021",
-                       margin_mm=8.0, fit_iterations=15, progress=False)  # the inverse network's start
+                       margin_mm=15.0, fit_iterations=15, progress=False)  # the inverse network's start
     params = json.loads((tmp_path / "a" / "params.json").read_text())
     assert params["fit"]["network"]["weights_version"]
     assert summary["coverage"]["standard_coverage"] == 1.0
