@@ -222,8 +222,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("rtjax_demo"),
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML overriding the demo patient (see configs/demo.yaml).")] = None,
 ) -> None:
-    """Run the pipeline on a built-in synthetic patient grown in the MNI152 atlas (CPU, ~1 min)."""
-    from rtjax.demo import load_patient_config, run_demo
+    """The whole pipeline on a built-in synthetic patient grown in the MNI152 atlas: tumour,
+    recurrence after resection, fit, standard and model CTVs, coverage (CPU, a minute or two)."""
+    from rtjax.demo import demo_summary, load_patient_config, run_demo
 
     try:
         patient = load_patient_config(config) if config else None
@@ -231,24 +232,7 @@ def demo(
         _fail(str(err))
     for path in run_demo(out, patient):
         typer.echo(f"wrote {path}")
-
-
-@app.command("train-inverse")
-def train_inverse(
-    config: Annotated[Path, typer.Argument(help="YAML config (see configs/inverse_cpu.yaml).")],
-    workdir: Annotated[Path, typer.Option("--workdir", help="Run folder: data, checkpoints, weights; reruns resume.")] = Path("runs/inverse"),
-) -> None:
-    """Train the learned inverse model (masks -> growth parameters) on simulations; resumes
-    from the latest checkpoint in the workdir and writes weights/ with config and metrics."""
-    from rtjax.inverse_model import load_config, train_and_evaluate
-
-    try:
-        cfg = load_config(config)
-    except (ValueError, OSError) as err:
-        _fail(str(err))
-    result = train_and_evaluate(cfg, workdir)
-    if result["weights"] is not None:
-        typer.echo(f"wrote {result['weights']}")
+    typer.echo(demo_summary(out))
 
 
 @app.command()

@@ -11,30 +11,37 @@ from typer.testing import CliRunner
 from rtjax.atlas import atlas_tissue_paths
 from rtjax.benchmark import benchmark_solver, format_table
 from rtjax.cli import app
-from rtjax.demo import DEMO_PATIENT, run_demo
+from rtjax.demo import DEMO_PATIENT, demo_summary, run_demo
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_demo_writes_every_output_on_the_atlas_grid(tmp_path):
-    paths = run_demo(tmp_path / "demo", {"days": 60.0, "rho": 0.06})
-    names = sorted(p.name for p in paths)
-    assert names == ["density.nii.gz", "params.json", "report.png", "segmentation.nii.gz"]
+def test_demo_runs_the_pipeline_on_the_synthetic_patient(tmp_path):
+    out = tmp_path / "demo"
+    patient = {"days": 150.0, "rho": 0.04, "recurrence_days": 60.0}
+    paths = run_demo(out, patient, progress=False)
+    names = {p.relative_to(out).as_posix() for p in paths}
+    assert {"case/seg.nii.gz", "case/recurrence.nii.gz", "truth/density_true.nii.gz",
+            "results/density.nii.gz", "results/ctv_standard.nii.gz", "results/ctv_model.nii.gz",
+            "results/coverage.json", "results/params.json", "results/report.png"} <= names
     atlas = nib.load(atlas_tissue_paths("mni152")["wm"])
-    seg = nib.load(tmp_path / "demo" / "segmentation.nii.gz")
-    density = nib.load(tmp_path / "demo" / "density.nii.gz")
-    for img in (seg, density):
+    seg = nib.load(out / "case" / "seg.nii.gz")
+    for img in (seg, nib.load(out / "results" / "ctv_standard.nii.gz")):
         assert img.shape == atlas.shape
         np.testing.assert_allclose(img.affine, atlas.affine, atol=1e-6)
-    assert seg.get_data_dtype() == np.uint8 and density.get_data_dtype() == np.float32
+    assert seg.get_data_dtype() == np.uint8
     labels = np.asarray(seg.dataobj)
     assert set(np.unique(labels)) <= {0, 1, 2, 4} and (labels == 4).any() and (labels == 2).any()
-    d = np.asarray(density.dataobj)
-    np.testing.assert_array_equal(labels == 2, (d >= 0.2) & (d < 0.6))  # edema band
-    params = json.loads((tmp_path / "demo" / "params.json").read_text())
-    assert params["patient"]["days"] == 60.0 and params["label_convention"] == "brats2021"
-    assert params["volumes_ml"]["edema"] == (labels == 2).sum() / 1000.0
-    assert not list((tmp_path / "demo").glob(".*"))  # no temporary files left
+    truth = np.asarray(nib.load(out / "truth" / "density_true.nii.gz").dataobj)
+    np.testing.assert_array_equal(labels == 2, (truth >= 0.2) & (truth < 0.6))  # edema band
+    standard = np.asarray(nib.load(out / "results" / "ctv_standard.nii.gz").dataobj) > 0
+    model = np.asarray(nib.load(out / "results" / "ctv_model.nii.gz").dataobj) > 0
+    assert abs(int(model.sum()) - int(standard.sum())) <= 0.01 * standard.sum()
+    recurrence = np.asarray(nib.load(out / "case" / "recurrence.nii.gz").dataobj) > 0
+    coverage = json.loads((out / "results" / "coverage.json").read_text())
+    assert coverage["standard_coverage"] == (recurrence & standard).sum() / recurrence.sum()
+    assert "recurrence coverage" in demo_summary(out)
+    assert not list(out.rglob(".*"))  # no temporary files left
 
 
 def test_demo_config_file_matches_the_built_in_patient():
