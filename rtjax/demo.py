@@ -53,10 +53,10 @@ def _regrow(tissue, density, resected, patient) -> np.ndarray:
     import jax.numpy as jnp
 
     from growth import FKParams, FKSimulator, Grid, solve_fk
-    from rtjax.simulate import _tissue_box
+    from rtjax.io import bounding_box
 
     wm, gm = tissue.wm.data, tissue.gm.data
-    box = _tissue_box(wm + gm > 0)
+    box = bounding_box(wm + gm > 0, pad=1)
     grid = Grid(tuple(s.stop - s.start for s in box), tissue.reference.spacing)
     sim = FKSimulator.create(wm[box], gm[box], grid, dw_max=patient["dw"],
                              t_max=patient["recurrence_days"])

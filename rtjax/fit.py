@@ -28,6 +28,7 @@ __all__ = [
     "block_average",
     "network_estimate",
     "fit_case",
+    "load_segmented_case",
     "fit_case_dir",
 ]
 
@@ -69,11 +70,9 @@ def fill_lesion_tissue(wm: np.ndarray, gm: np.ndarray, lesion: np.ndarray):
 
 def tumour_box(whole: np.ndarray, spacing, margin_mm: float) -> tuple[slice, ...]:
     """Bounding box of the visible tumour grown by `margin_mm` per side, within the grid."""
-    idx = np.argwhere(whole)
-    pad = np.ceil(margin_mm / np.asarray(spacing, float)).astype(int)
-    lo = np.maximum(idx.min(0) - pad, 0)
-    hi = np.minimum(idx.max(0) + 1 + pad, whole.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    from rtjax.io import bounding_box
+
+    return bounding_box(whole, pad=np.ceil(margin_mm / np.asarray(spacing, float)).astype(int))
 
 
 def block_average(array: np.ndarray, factors) -> np.ndarray:
@@ -149,6 +148,7 @@ def fit_case(
     )
 
     start = time.perf_counter()
+    config = config or FitConfig()
     core, edema = masks.core, masks.edema
     whole = core | edema
     if not whole.any():
@@ -176,10 +176,10 @@ def fit_case(
             initial = heuristic_estimate(work["core"] > 0.5, work["edema"] > 0.5, work_spacing)
         else:
             raise ValueError(f"initial must be 'network', 'heuristic' or a FitEstimate, not {initial!r}")
-    bar = _progress_bar(config or FitConfig(), progress)
+    bar = _progress_bar(config, progress)
     result = refine(
         work["core"], work["edema"], work["wm"], work["gm"], grid, initial,
-        config=config or FitConfig(), bounds=bounds or FitBounds(),
+        config=config, bounds=bounds or FitBounds(),
         callback=None if bar is None else (lambda i, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.4f}")),
     )
     if bar is not None:
@@ -210,9 +210,9 @@ def fit_case(
         ),
         "assumed_days": assumed_days,
         "dw_mm2_per_day": estimate["dw_t_mm2"] / assumed_days,
-        "dg_mm2_per_day": estimate["dw_t_mm2"] / assumed_days / (config or FitConfig()).ratio,
+        "dg_mm2_per_day": estimate["dw_t_mm2"] / assumed_days / config.ratio,
         "rho_per_day": estimate["rho_t"] / assumed_days,
-        "ratio": (config or FitConfig()).ratio,
+        "ratio": config.ratio,
         "origin_canonical_voxel": (corner + origin_box_vox).round(3).tolist(),
         "u_t1": estimate["u_t1"],
         "u_fl": estimate["u_fl"],
@@ -268,6 +268,57 @@ def _plain(value):
     return value
 
 
+#: How each optional file of a segmented case is read.
+_CASE_KINDS = {"wm": "probability", "gm": "probability", "brain_mask": "mask",
+               "recurrence": "mask", "t1c": "intensity", "flair": "intensity"}
+
+
+def load_segmented_case(case_dir, *, labels: str, ignore_labels=(), overrides=None):
+    """Load a case folder that has `seg`, `wm` and `gm` (and any of brain_mask, recurrence,
+    t1c, flair), all validated on one grid. An `edema` override gives the edema as a
+    separate mask (TUM/Lipkova data), a bare file name being taken in the case folder.
+
+    Returns (files, convention, masks, images), images keyed by name with "seg" the
+    reference grid.
+
+    Raises:
+        InputError: a missing `seg` or tissue map (those stages are not available yet),
+            unknown labels, or images on different grids, naming the file or folder.
+    """
+    from pathlib import Path
+
+    from rtjax.errors import InputError
+    from rtjax.io import check_same_grid, find_case_files, load_image, load_tumour_masks
+    from rtjax.labels import get_convention
+
+    overrides = dict(overrides or {})
+    edema_path = overrides.pop("edema", None)
+    files = find_case_files(case_dir, overrides=overrides)
+    if "seg" not in files:
+        raise InputError(case_dir, "no tumour segmentation 'seg' (seg.nii[.gz], *_seg or "
+                         "*-seg): automatic segmentation (issue 4) is not available yet; "
+                         "provide seg.nii.gz")
+    missing = [n for n in ("wm", "gm") if n not in files]
+    if missing:
+        names = " and ".join(f"{n}.nii.gz" for n in missing)
+        raise InputError(case_dir, f"no tissue map(s) {missing}: atlas tissue registration "
+                         f"(issue 7) is not available yet; provide {names}")
+    convention = get_convention(labels)
+    masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
+    images = {"seg": reference}
+    images.update({n: load_image(files[n], kind=k) for n, k in _CASE_KINDS.items() if n in files})
+    if edema_path is not None:
+        edema_path = Path(edema_path)
+        if not edema_path.is_absolute() and edema_path.parent == Path("."):
+            edema_path = Path(case_dir) / edema_path
+        images["edema"] = load_image(edema_path, kind="mask")
+        files["edema"] = edema_path
+        masks = TumourMasks(necrosis=masks.necrosis, enhancing=masks.enhancing,
+                            edema=images["edema"].data & ~masks.core)
+    check_same_grid(images)
+    return files, convention, masks, images
+
+
 def fit_case_dir(
     case_dir,
     out_dir,
@@ -286,29 +337,12 @@ def fit_case_dir(
     from pathlib import Path
 
     from rtjax.errors import InputError
-    from rtjax.io import check_same_grid, find_case_files, load_image, load_tumour_masks, save_image
-    from rtjax.labels import get_convention
+    from rtjax.io import save_image
     from rtjax.provenance import run_metadata, write_json_atomic
 
-    overrides = dict(overrides or {})
-    edema_path = overrides.pop("edema", None)
-    files = find_case_files(case_dir, overrides=overrides)
-    for name in ("seg", "wm", "gm"):
-        if name not in files:
-            raise InputError(case_dir, f"missing {name!r} (looked for {name}.nii[.gz]; pass --{name} FILE)")
-    convention = get_convention(labels)
-    masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
-    images = {"seg": reference}
-    images.update({k: load_image(files[k], kind="probability") for k in ("wm", "gm")})
-    if edema_path is not None:
-        edema_path = Path(edema_path)
-        if not edema_path.is_absolute() and edema_path.parent == Path("."):
-            edema_path = Path(case_dir) / edema_path  # a bare name lives in the case folder
-        edema_image = load_image(edema_path, kind="mask")
-        images["edema"] = edema_image
-        masks = TumourMasks(necrosis=masks.necrosis, enhancing=masks.enhancing,
-                            edema=edema_image.data & ~masks.core)
-    check_same_grid(images)
+    files, convention, masks, images = load_segmented_case(
+        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides)
+    reference = images["seg"]
     if masks.is_empty():
         raise InputError(files["seg"], "empty tumour: no core and no edema voxels to fit")
     result = fit_case(masks, images["wm"].data, images["gm"].data, reference.spacing,
@@ -321,7 +355,7 @@ def fit_case_dir(
         "origin_file_voxel": np.round(file_vox, 3).tolist(),
         "labels": convention.name,
         "ignored_labels": list(ignore_labels),
-        "inputs": {k: str(v) for k, v in files.items()} | ({"edema": str(edema_path)} if edema_path else {}),
+        "inputs": {k: str(v) for k, v in files.items()},
     })
     out_dir = Path(out_dir)
     paths = [

@@ -503,11 +503,6 @@ def _dataset_complete(path: Path, n_cases: int) -> bool:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
-
-
 DICE_LEVELS = (0.001, 0.1, 0.25, 0.6)
 
 
@@ -519,6 +514,7 @@ def evaluate(config: InverseConfig, model, mean, scale, val: dict, *, atlas=None
     import jax
     import jax.numpy as jnp
 
+    from growth.fit import dice
     from growth.inverse import anatomy_box, box_centre_mm, ensemble_apply, simulate_box, threshold_inputs
 
     gen = config.generator
@@ -586,7 +582,7 @@ def evaluate(config: InverseConfig, model, mean, scale, val: dict, *, atlas=None
             c_true, c_pred = np.asarray(c_true), np.asarray(c_pred)
             for k in range(j - i):
                 for lvl in DICE_LEVELS:
-                    scores[lvl].append(_dice(c_true[k] >= lvl, c_pred[k] >= lvl))
+                    scores[lvl].append(dice(c_true[k] >= lvl, c_pred[k] >= lvl))
         dice[label] = {f"c>={lvl:g}": {"mean": float(np.mean(s)), "median": float(np.median(s))}
                        for lvl, s in scores.items()}
     return {"val_cases": n, "resimulated_cases": m, "parameter_errors": param, "dice": dice}

@@ -27,6 +27,7 @@ from rtjax.errors import InputError
 from rtjax.labels import LabelConvention, TumourMasks, get_convention, split_labels
 
 __all__ = [
+    "bounding_box",
     "resample_image",
     "CANONICAL_NAMES",
     "LOAD_KINDS",
@@ -701,3 +702,15 @@ def resample_image(source: Image, target: Image, *, order: int = 1, cval: float 
     data = source.data.astype(np.float32) if source.data.dtype == bool else source.data
     values = map_coordinates(data, source_index.T, order=order, mode="constant", cval=cval)
     return values.reshape(target.shape)
+
+
+def bounding_box(mask: np.ndarray, pad=0) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every True voxel of `mask`, grown by `pad` voxels
+    per side (an int, or one per axis) and clipped to the array."""
+    idx = np.argwhere(mask)
+    if not len(idx):
+        raise ValueError("bounding box of an empty mask")
+    pad = np.broadcast_to(np.asarray(pad, int), (mask.ndim,))
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + 1 + pad, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))

@@ -150,29 +150,13 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
 
 
 def _load_inputs(case_dir: Path, labels, ignore_labels, overrides):
-    from rtjax.io import check_same_grid, find_case_files, load_image, load_tumour_masks
-    from rtjax.labels import get_convention
+    from rtjax.fit import load_segmented_case
 
-    files = find_case_files(case_dir, overrides=overrides)
-    if "seg" not in files:
-        raise InputError(case_dir, "no tumour segmentation 'seg' (seg.nii[.gz], *_seg or "
-                         "*-seg): automatic segmentation (issue 4) is not available yet; "
-                         "provide seg.nii.gz")
-    missing = [n for n in ("wm", "gm") if n not in files]
-    if missing:
-        names = " and ".join(f"{n}.nii.gz" for n in missing)
-        raise InputError(case_dir, f"no tissue map(s) {missing}: atlas tissue registration "
-                         f"(issue 7) is not available yet; provide {names}")
-    convention = get_convention(labels)
-    masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
+    files, convention, masks, images = load_segmented_case(
+        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides)
     if not masks.core.any():
         raise InputError(files["seg"], "no tumour core (necrosis or enhancing voxels): the "
                          "standard CTV grows from the core")
-    kinds = {"wm": "probability", "gm": "probability", "brain_mask": "mask",
-             "recurrence": "mask", "t1c": "intensity", "flair": "intensity"}
-    images = {"seg": reference}
-    images.update({n: load_image(files[n], kind=k) for n, k in kinds.items() if n in files})
-    check_same_grid(images)
     return files, convention, masks, images
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from rtjax.errors import InputError
-from rtjax.io import Image, check_same_grid, find_case_files, load_image, save_image
+from rtjax.io import Image, bounding_box, check_same_grid, find_case_files, load_image, save_image
 
 __all__ = [
     "Tissue",
@@ -174,14 +174,6 @@ def load_shape_tensor(
     )
 
 
-def _tissue_box(tissue_mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    """The bounding box of the tissue (plus `margin` voxels): nothing grows outside it."""
-    idx = np.argwhere(tissue_mask)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + margin, tissue_mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
 def simulate_density(
     tissue: Tissue,
     *,
@@ -228,7 +220,7 @@ def simulate_density(
             f"the seed origin (canonical voxel {list(nearest)}) lies outside tissue "
             "(wm + gm = 0 there: CSF or background); choose an origin in the brain"
         )
-    box = _tissue_box(wm + gm > 0)
+    box = bounding_box(wm + gm > 0, pad=1)  # nothing grows outside the tissue
     corner = np.array([s.start for s in box], float)
     grid = Grid(tuple(s.stop - s.start for s in box), ref.spacing)
     seed = seed or GaussianSeed()

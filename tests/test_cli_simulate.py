@@ -125,3 +125,31 @@ def test_missing_tissue_map_names_the_folder(tmp_path):
                        "--days", 5, "--out", tmp_path / "d.nii.gz")
     assert result.exit_code == 2
     assert str(case) in result.output and "gm" in result.output
+
+
+def test_solving_on_the_tissue_box_equals_solving_on_the_whole_grid(tmp_path):
+    """simulate_density crops to the tissue's bounding box: exact, since no density can
+    enter voxels without tissue."""
+    import jax.numpy as jnp
+
+    from growth import FKParams, FKSimulator, Grid
+    from rtjax.simulate import load_tissue, simulate_density
+
+    case = tmp_path / "case"
+    _oblique_lps_tissue(case)
+    wm = np.asarray(nib.load(case / "wm.nii.gz").dataobj)
+    wm_pad = np.pad(wm, 6)  # background all around: the box is smaller than the grid
+    affine = nib.load(case / "wm.nii.gz").affine
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    nib.save(nib.Nifti1Image(wm_pad, affine), padded / "wm.nii.gz")
+    nib.save(nib.Nifti1Image(np.where(wm_pad > 0, 0.2, 0).astype(np.float32), affine), padded / "gm.nii.gz")
+    tissue = load_tissue(padded)
+    result = simulate_density(tissue, dw=0.3, rho=0.1, days=20, origin_vox=(18, 16, 13))
+    assert result.info["solved_box"] != [[0, n] for n in tissue.reference.shape]
+    ref = tissue.reference
+    grid = Grid(ref.shape, ref.spacing)
+    sim = FKSimulator.create(tissue.wm.data, tissue.gm.data, grid, dw_max=0.3, t_max=20.0)
+    index = np.asarray(result.info["origin_canonical_voxel"])
+    full = np.asarray(sim(FKParams(0.3, 0.1), jnp.asarray(index * np.asarray(ref.spacing)), 20.0))
+    np.testing.assert_allclose(result.density, full, atol=1e-6)
