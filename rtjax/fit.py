@@ -273,9 +273,11 @@ _CASE_KINDS = {"wm": "probability", "gm": "probability", "brain_mask": "mask",
                "recurrence": "mask", "t1c": "intensity", "flair": "intensity"}
 
 
-def load_segmented_case(case_dir, *, labels: str, ignore_labels=(), overrides=None):
-    """Load a case folder that has `seg`, `wm` and `gm` (and any of brain_mask, recurrence,
-    t1c, flair), all validated on one grid. An `edema` override gives the edema as a
+def load_segmented_case(
+    case_dir, *, labels: str, ignore_labels=(), overrides=None, extras=tuple(_CASE_KINDS)
+):
+    """Load a case folder that has `seg`, `wm` and `gm` (and those of `extras` among
+    brain_mask, recurrence, t1c, flair that it has), all validated on one grid. An `edema` override gives the edema as a
     separate mask (TUM/Lipkova data), a bare file name being taken in the case folder.
 
     Returns (files, convention, masks, images), images keyed by name with "seg" the
@@ -306,7 +308,9 @@ def load_segmented_case(case_dir, *, labels: str, ignore_labels=(), overrides=No
     convention = get_convention(labels)
     masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
     images = {"seg": reference}
-    images.update({n: load_image(files[n], kind=k) for n, k in _CASE_KINDS.items() if n in files})
+    wanted = {"wm", "gm", *extras}
+    images.update({n: load_image(files[n], kind=k) for n, k in _CASE_KINDS.items()
+                   if n in files and n in wanted})
     if edema_path is not None:
         edema_path = Path(edema_path)
         if not edema_path.is_absolute() and edema_path.parent == Path("."):
@@ -341,7 +345,7 @@ def fit_case_dir(
     from rtjax.provenance import run_metadata, write_json_atomic
 
     files, convention, masks, images = load_segmented_case(
-        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides)
+        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides, extras=())
     reference = images["seg"]
     if masks.is_empty():
         raise InputError(files["seg"], "empty tumour: no core and no edema voxels to fit")
