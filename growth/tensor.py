@@ -20,6 +20,9 @@ follows the inputs (float32 by default; float64 when the inputs are float64 and
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -39,6 +42,11 @@ __all__ = [
     "westin_measures",
     "tumour_tensor",
 ]
+
+
+# Full float32 products: on GPUs a float32 matmul defaults to TF32 (about 3 decimal digits).
+_HIGHEST = jax.lax.Precision.HIGHEST
+_mm = functools.partial(jnp.matmul, precision=_HIGHEST)
 
 TENSOR_COMPONENTS = ("xx", "xy", "xz", "yy", "yz", "zz")
 # (row, column) of each component in the 3x3 matrix.
@@ -113,7 +121,7 @@ def rotate_tensor(t6: Float[Array, "6 *spatial"], rotation) -> Float[Array, "6 *
     """
     mat = components_to_matrix(t6)
     q = jnp.asarray(rotation, dtype=mat.dtype)
-    return matrix_to_components(q @ mat @ jnp.swapaxes(q, -1, -2))
+    return matrix_to_components(_mm(_mm(q, mat), jnp.swapaxes(q, -1, -2)))
 
 
 # --------------------------------------------------------------------------- eigen-analysis
@@ -182,7 +190,7 @@ def tensor_from_eigen(
             f"voxels, got {vals.shape} and {vecs.shape}"
         )
     lam = jnp.moveaxis(vals, 0, -1)
-    return matrix_to_components(jnp.einsum("...ik,...k,...jk->...ij", vecs, lam, vecs))
+    return matrix_to_components(jnp.einsum("...ik,...k,...jk->...ij", vecs, lam, vecs, precision=_HIGHEST))
 
 
 def tensor_from_direction(
@@ -263,11 +271,11 @@ def _weighted_lstsq(x: Array, y: Array, w: Array | None) -> Array:
     scale = jnp.where(scale > 0, scale, 1.0)
     xs = x / scale
     if w is None:
-        beta = y @ jnp.linalg.pinv(xs).T
+        beta = _mm(y, jnp.linalg.pinv(xs).T)
     else:
         w2 = w * w
-        normal = jnp.einsum("...n,ni,nj->...ij", w2, xs, xs)
-        rhs = jnp.einsum("...n,ni,...n->...i", w2, xs, y)
+        normal = jnp.einsum("...n,ni,nj->...ij", w2, xs, xs, precision=_HIGHEST)
+        rhs = jnp.einsum("...n,ni,...n->...i", w2, xs, y, precision=_HIGHEST)
         beta = jnp.linalg.solve(normal, rhs[..., None])[..., 0]
     return beta / scale
 
@@ -317,7 +325,7 @@ def fit_tensor_dwi(
     x = dti_design_matrix(b, g)
     beta = _weighted_lstsq(x, y, None)
     if method == "WLS":
-        w = jnp.exp(beta @ x.T)
+        w = jnp.exp(_mm(beta, x.T))
         beta = _weighted_lstsq(x, y, w)
     return jnp.moveaxis(beta[..., :6], -1, 0)
 
