@@ -305,6 +305,7 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
     max_steps: int = eqx.field(static=True)
     seed: GaussianSeed = eqx.field(static=True, default=GaussianSeed())
     progress: bool = eqx.field(static=True, default=False)
+    substeps: int | None = eqx.field(static=True, default=None)
 
     @classmethod
     def create(

@@ -138,3 +138,27 @@ def test_jax_solver_matches_numpy_reference():
     )
     numpy_c = numpy_solve_fk(c0, numpy_face_coefficients(d_cell, grid.spacing), 0.05, dt, n)
     np.testing.assert_allclose(np.asarray(jax_c), numpy_c, atol=1e-5)
+
+
+@pytest.mark.parametrize("substeps", [3, 8])
+def test_substeps_take_the_same_steps(substeps):
+    """k split steps per loop iteration (the GPU default): identical steps when T is a
+    multiple of k dt; otherwise m k equal steps instead of n (step sizes differ by < k/n),
+    a first-order-small change; gradients in time and rho likewise."""
+    grid = Grid((12, 10, 8), (1.0, 1.2, 0.9))
+    wm, gm = _heterogeneous_tissue(grid, seed=4)
+    faces = face_coefficients(tissue_diffusivity(jnp.asarray(wm), jnp.asarray(gm), 0.6, 10.0), grid)
+    c0 = GaussianSeed()(grid, jnp.array([6.0, 6.0, 4.0]))
+    dt = 0.1
+
+    def final(rho, t, k):
+        return solve_fk(c0, faces, rho, t, dt=dt, max_steps=50, substeps=k)
+
+    multiple = 5 * substeps * dt
+    np.testing.assert_allclose(final(0.08, multiple, substeps), final(0.08, multiple, 1),
+                               rtol=1e-5, atol=1e-7)
+    t_final = 4.37
+    np.testing.assert_allclose(final(0.08, t_final, substeps), final(0.08, t_final, 1),
+                               rtol=2e-3, atol=2e-5)
+    grad = lambda k: jax.grad(lambda r, t: final(r, t, k).sum(), argnums=(0, 1))(0.08, t_final)  # noqa: E731
+    np.testing.assert_allclose(grad(substeps), grad(1), rtol=2e-3)
