@@ -60,9 +60,13 @@ __all__ = [
     "crop_around",
     "network_grid_offsets",
     "draw_cases",
+    "box_affine",
     "anatomy_box",
+    "box_centre_mm",
     "simulate_box",
+    "observe",
     "simulate_cases",
+    "simulate_anisotropic_cases",
     "iterate_simulations",
     "threshold_inputs",
     "masks_to_inputs",
@@ -251,7 +255,9 @@ def resample_affine(
     voxel index j (order 1 trilinear, 0 nearest; `cval` outside the input)."""
     idx = jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in out_shape), indexing="ij")
     j = jnp.stack([i.ravel() for i in idx])
-    coords = jnp.asarray(matrix, jnp.float32) @ j + jnp.asarray(offset, jnp.float32)[:, None]
+    # HIGHEST: on GPUs a float32 matmul defaults to TF32, ~1e-3 voxel errors in coordinates.
+    coords = jnp.matmul(jnp.asarray(matrix, jnp.float32), j, precision=jax.lax.Precision.HIGHEST)
+    coords = coords + jnp.asarray(offset, jnp.float32)[:, None]
     out = jax.scipy.ndimage.map_coordinates(
         jnp.asarray(volume), list(coords), order=order, mode="constant", cval=cval
     )
@@ -414,6 +420,22 @@ def draw_cases(
 # --------------------------------------------------------------------------- simulation
 
 
+def box_affine(
+    cfg: GeneratorConfig,
+    atlas_spacing,
+    origin_atlas_mm: Float[Array, "3"],
+    transform: Float[Array, "3 3"],
+) -> tuple[Array, Array]:
+    """(matrix, offset) of `resample_affine` from the simulation box (a cube of `sim_shape`
+    voxels of `sim_spacing` mm centred on the origin, whose axes map to atlas mm through
+    `transform`) to atlas voxel coordinates."""
+    spacing = jnp.broadcast_to(jnp.asarray(atlas_spacing, jnp.float32), (3,))
+    half = (cfg.sim_shape - 1) / 2.0
+    matrix = (transform * cfg.sim_spacing) / spacing[:, None]
+    corner = jnp.matmul(transform, jnp.full(3, half * cfg.sim_spacing), precision=jax.lax.Precision.HIGHEST)
+    return matrix, (origin_atlas_mm - corner) / spacing
+
+
 def anatomy_box(
     cfg: GeneratorConfig,
     atlas_wm: Array,
@@ -422,14 +444,10 @@ def anatomy_box(
     origin_atlas_mm: Float[Array, "3"],
     transform: Float[Array, "3 3"],
 ) -> tuple[Array, Array]:
-    """WM and GM on the simulation box: a cube of `sim_shape` voxels of `sim_spacing` mm
-    centred on the origin, whose axes map to atlas mm through `transform` (trilinear).
+    """WM and GM on the simulation box (`box_affine`), trilinear.
     wm + gm is scaled down to at most 1 where interpolation overshoots."""
-    spacing = jnp.broadcast_to(jnp.asarray(atlas_spacing, jnp.float32), (3,))
     n = cfg.sim_shape
-    half = (n - 1) / 2.0
-    matrix = (transform * cfg.sim_spacing) / spacing[:, None]
-    offset = (origin_atlas_mm - transform @ jnp.full(3, half * cfg.sim_spacing)) / spacing
+    matrix, offset = box_affine(cfg, atlas_spacing, origin_atlas_mm, transform)
     wm = resample_affine(atlas_wm, matrix, offset, (n,) * 3)
     gm = resample_affine(atlas_gm, matrix, offset, (n,) * 3)
     wm, gm = jnp.clip(wm, 0.0, 1.0), jnp.clip(gm, 0.0, 1.0)
@@ -466,27 +484,38 @@ def simulate_box(
     return sim(params, origin_mm, t_scaled)
 
 
-def _observe(cfg: GeneratorConfig, c, wm, gm, u_t1, u_fl):
-    """Crop one simulated case around its visible tumour; flags whether it is accepted."""
+def observe(cfg: GeneratorConfig, c, wm, gm, u_t1, u_fl) -> dict[str, Array]:
+    """Crop one simulated case (density and tissue on the simulation box) to the network
+    grid around its visible tumour (the centre of mass of c >= u_fl).
+
+    The crop centre is that centre of mass moved by less than half a voxel so that the
+    crop's first voxel is a voxel of the box: with equal spacings the crop copies the box
+    exactly (no interpolation blur of steep profiles).
+
+    Returns accepted (visible at every threshold draw, the widest visible region inside
+    the crop with `border_mm` to spare, the crop inside the box), com_box_mm (the crop
+    centre, box grid mm), and density, wm, gm on the network grid."""
     h = cfg.sim_spacing
     core, edema = visible_masks(c, u_t1, u_fl)
     com_mm, _ = _centre_of_mass_mm((core | edema).astype(jnp.float32), (h,) * 3)
+    half = (cfg.net_shape - 1) / 2.0 * cfg.net_spacing / h  # crop half-width, box voxels
+    centre_vox = jnp.round(com_mm / h - half) + half
+    centre_mm = centre_vox * h
     # acceptance, for every threshold draw: visible even at the highest u_fl, and the
     # widest visible region (lowest u_fl) inside the crop with a margin
     enough = (c >= cfg.ranges.u_fl[1]).sum() >= cfg.min_visible_voxels
     widest = c >= cfg.ranges.u_fl[0]
     coords = jnp.stack(jnp.meshgrid(*(jnp.arange(cfg.sim_shape) * h,) * 3, indexing="ij"))
-    reach = jnp.max(jnp.where(widest[None], jnp.abs(coords - com_mm[:, None, None, None]), 0.0))
+    reach = jnp.max(jnp.where(widest[None], jnp.abs(coords - centre_mm[:, None, None, None]), 0.0))
     fits = reach <= cfg.fov_mm / 2.0 - cfg.border_mm
     box = (cfg.sim_shape - 1) * h
-    inside = jnp.all((com_mm - cfg.fov_mm / 2.0 >= 0.0) & (com_mm + cfg.fov_mm / 2.0 <= box))
-    centre_vox = com_mm / h
+    inside = jnp.all((centre_mm - cfg.fov_mm / 2.0 >= 0.0) & (centre_mm + cfg.fov_mm / 2.0 <= box))
     c_crop, wm_crop, gm_crop = crop_around(
         (c, wm, gm), centre_vox, h, cfg.net_shape, cfg.net_spacing
     )
     return {
         "accepted": enough & fits & inside,
-        "com_box_mm": com_mm,
+        "com_box_mm": centre_mm,
         "density": c_crop,
         "wm": wm_crop,
         "gm": gm_crop,
@@ -498,7 +527,7 @@ def _simulate_batch(cfg, atlas_wm, atlas_gm, atlas_spacing, cases):
         wm, gm = anatomy_box(cfg, atlas_wm, atlas_gm, atlas_spacing, origin, transform)
         centre = box_centre_mm(cfg)
         c = simulate_box(cfg, wm, gm, centre, a, b)
-        out = _observe(cfg, c, wm, gm, u_t1, u_fl)
+        out = observe(cfg, c, wm, gm, u_t1, u_fl)
         out["origin_rel_mm"] = centre - out["com_box_mm"]
         mid = jnp.full((3, 1), (cfg.sim_shape - 1) / 2.0)
         out["tissue_at_origin"] = jax.scipy.ndimage.map_coordinates(wm + gm, list(mid), order=1)[0]
@@ -528,6 +557,62 @@ def simulate_cases(cfg: GeneratorConfig, atlas_wm, atlas_gm, atlas_spacing, case
                                jnp.asarray(atlas_spacing, jnp.float32), batch)
 
 
+def _box_tensor(cfg: GeneratorConfig, atlas_tensor, atlas_spacing, origin_atlas_mm, transform):
+    """The shape tensor on the simulation box: components resampled (trilinear) and rotated
+    into the box axes (v_box = Q^T v_atlas, Q the orthogonal part of `transform`)."""
+    from growth.tensor import rotate_tensor
+
+    n = cfg.sim_shape
+    matrix, offset = box_affine(cfg, atlas_spacing, origin_atlas_mm, transform)
+    t6 = jnp.stack([resample_affine(t, matrix, offset, (n,) * 3) for t in atlas_tensor])
+    q = transform / jnp.cbrt(jnp.abs(jnp.linalg.det(transform)))
+    return rotate_tensor(t6, q.T)
+
+
+def _anisotropic_box(cfg, atlas_wm, atlas_gm, atlas_tensor, atlas_spacing, origin, transform):
+    wm, gm = anatomy_box(cfg, atlas_wm, atlas_gm, atlas_spacing, origin, transform)
+    return wm, gm, _box_tensor(cfg, atlas_tensor, atlas_spacing, origin, transform)
+
+
+_anisotropic_box_jit = jax.jit(_anisotropic_box, static_argnums=0)
+_observe_jit = jax.jit(observe, static_argnums=0)
+
+
+def simulate_anisotropic_cases(
+    cfg: GeneratorConfig, atlas_wm, atlas_gm, atlas_tensor, atlas_spacing, cases: dict
+) -> dict[str, np.ndarray]:
+    """Like `simulate_cases`, but the white matter grows along a tensor field.
+
+    D(x) = Dw [p_wm A(x) + p_gm / ratio I] (`growth.AnisotropicFKSimulator`), A the
+    (6, *atlas shape) trace-3 shape tensor on the atlas grid, resampled and rotated into
+    each case's box. One case at a time on the host (the stencil is built per anatomy),
+    in scaled time as the isotropic generator. Returns numpy arrays, leading batch axis.
+    """
+    from growth.anisotropic import AnisotropicFKSimulator
+
+    atlas_wm, atlas_gm = jnp.asarray(atlas_wm, jnp.float32), jnp.asarray(atlas_gm, jnp.float32)
+    atlas_tensor = jnp.asarray(atlas_tensor, jnp.float32)
+    spacing = jnp.broadcast_to(jnp.asarray(atlas_spacing, jnp.float32), (3,))
+    centre = box_centre_mm(cfg)
+    rows = []
+    for k in range(len(cases["sqrt_dw_t"])):
+        origin, transform = jnp.asarray(cases["origin_atlas_mm"][k]), jnp.asarray(cases["transform"][k])
+        wm, gm, tensor = _anisotropic_box_jit(cfg, atlas_wm, atlas_gm, atlas_tensor, spacing,
+                                              origin, transform)
+        a = float(np.clip(cases["sqrt_dw_t"][k], 1e-3, cfg.ranges.sqrt_dw_t_max))
+        t_scaled = a**2 / cfg.d_ref
+        sim = AnisotropicFKSimulator.create(
+            np.asarray(wm), np.asarray(gm), np.asarray(tensor), cfg.sim_grid,
+            dw_max=cfg.d_ref, t_max=t_scaled, seed=GaussianSeed(sigma=cfg.seed_sigma),
+        )
+        b2 = float(cases["sqrt_rho_t"][k]) ** 2
+        c = sim(FKParams(dw=cfg.d_ref, rho=b2 / t_scaled, ratio=cfg.ranges.ratio), centre, t_scaled)
+        out = _observe_jit(cfg, c, wm, gm, jnp.float32(cases["u_t1"][k]), jnp.float32(cases["u_fl"][k]))
+        out["origin_rel_mm"] = centre - out["com_box_mm"]
+        rows.append(jax.device_get(out))
+    return {key: np.stack([np.asarray(r[key]) for r in rows]) for key in rows[0]}
+
+
 def iterate_simulations(
     cfg: GeneratorConfig,
     atlas_wm: np.ndarray,
@@ -537,13 +622,17 @@ def iterate_simulations(
     seed: int,
     batch_size: int = 16,
     pool_batches: int = 8,
+    tensor=None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream accepted training cases forever, in batches of at most `batch_size`.
 
     Each round draws `pool_batches * batch_size` cases, sorts them by sqrt(Dw T) (cost of a
-    vmapped batch is its slowest member) and simulates them batch by batch; each yielded
+    vmapped batch is its slowest member) and simulates them batch by batch, the batches in
+    random order (a consumer stopping within a pool still sees every Dw T); each yielded
     dict holds the accepted cases only: the `draw_cases` fields plus the `simulate_cases`
-    outputs (as numpy). The same seed gives the same stream.
+    outputs (as numpy). The same seed gives the same stream. With `tensor` (a (6, *atlas
+    shape) white-matter shape tensor) the cases grow anisotropically
+    (`simulate_anisotropic_cases`).
     """
     rng = np.random.default_rng(seed)
     tissue = (np.asarray(atlas_wm) + np.asarray(atlas_gm)) >= cfg.origin_tissue_min
@@ -551,10 +640,15 @@ def iterate_simulations(
     while True:
         pool = draw_cases(cfg, tissue, atlas_spacing, rng, pool_batches * batch_size)
         order = np.argsort(pool["sqrt_dw_t"])
-        for start in range(0, len(order), batch_size):
+        # batches in random order: a consumer that stops within a pool is not biased
+        # towards small Dw T
+        for start in rng.permutation(np.arange(0, len(order), batch_size)):
             idx = order[start : start + batch_size]
             cases = {k: v[idx] for k, v in pool.items()}
-            out = jax.device_get(simulate_cases(cfg, atlas_wm_j, atlas_gm_j, atlas_spacing, cases))
+            if tensor is None:
+                out = jax.device_get(simulate_cases(cfg, atlas_wm_j, atlas_gm_j, atlas_spacing, cases))
+            else:
+                out = simulate_anisotropic_cases(cfg, atlas_wm_j, atlas_gm_j, tensor, atlas_spacing, cases)
             keep = np.asarray(out.pop("accepted"))
             if keep.any():
                 yield {**{k: v[keep] for k, v in cases.items()},

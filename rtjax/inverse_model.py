@@ -8,7 +8,10 @@
   saves orbax checkpoints every `checkpoint_every` steps and resumes from the latest one,
   evaluates on held-out simulations (another seed: never seen in training) and writes
   `workdir/weights/` in the shipped layout (`params/` orbax checkpoint of the model only,
-  `config.yaml`, `metrics.json`).
+  `config.yaml`, `metrics.json`). With `train.max_seconds` it keeps to a wall-clock
+  budget (data generation, training, evaluation and export together).
+* `device_job(config, budget_s, out_dir)`: the one time-budgeted accelerator job
+  (`scripts/device_inverse.py`): training, data-generation throughput, fit timing.
 * `load_weights(path=None)`: the shipped weights (`rtjax/weights/inverse`) or another
   weights folder, restored into an `nnx.eval_shape` target.
 * `predict(core, edema, wm, gm, spacing)`: the estimate for one case on its own grid.
@@ -42,11 +45,15 @@ __all__ = [
     "load_atlas",
     "write_dataset",
     "load_dataset",
+    "learning_rate_factor",
+    "make_optimizer",
     "train_and_evaluate",
     "evaluate",
     "export_weights",
     "load_weights",
     "predict",
+    "generation_throughput",
+    "device_job",
 ]
 
 #: The weights shipped inside the package.
@@ -78,6 +85,13 @@ class TrainConfig:
         redraw_thresholds: draw new u_T1/u_FL per sample and step (LearnMorph-Infer style)
             rather than using the generation-time thresholds.
         flip_lr: random left-right flips of the crop (axis 0).
+        max_seconds: wall-clock budget of one `train_and_evaluate` call, seconds, data
+            generation included (None: no budget, train for `steps`). The training set
+            is generated until `data_fraction` of it is spent (at least one shard);
+            training stops `reserve_seconds` before its end, checkpoints, then evaluates
+            and exports; the learning rate then decays (cosine) over the time left.
+        data_fraction: the part of `max_seconds` that data generation may use.
+        reserve_seconds: the part of `max_seconds` kept for evaluation and export.
     """
 
     members: int = 2
@@ -97,6 +111,16 @@ class TrainConfig:
     log_every: int = 50
     redraw_thresholds: bool = True
     flip_lr: bool = True
+    max_seconds: float | None = None
+    data_fraction: float = 0.35
+    reserve_seconds: float = 30.0
+
+    def __post_init__(self):
+        if self.max_seconds is not None and self.max_seconds <= self.reserve_seconds:
+            raise ValueError(f"max_seconds ({self.max_seconds}) must exceed reserve_seconds "
+                             f"({self.reserve_seconds})")
+        if not 0.0 < self.data_fraction < 1.0:
+            raise ValueError(f"data_fraction must lie in (0, 1), got {self.data_fraction}")
 
 
 @dataclass(frozen=True)
@@ -215,12 +239,16 @@ def write_dataset(
     shard_size: int = 500,
     sim_batch: int = 32,
     progress: bool = True,
+    deadline: float | None = None,
 ) -> Path:
     """Simulate `n_cases` accepted cases into npz shards `out_dir/shard_XXXXX.npz`.
 
     Shard k is generated from its own stream (seed, k), so an interrupted run resumes at
     the first missing shard; shards are written atomically. `dataset.json` records the
-    generator config and the counts. Tissue is stored as uint8 (1/255), density as float16.
+    generator config, the counts (`n_cases` asked for, `cases` on disk) and the generation
+    time. Tissue is stored as uint8 (1/255), density as float16. With a `deadline` (a
+    `time.perf_counter()` value) no new shard is started after it, once one exists: the
+    dataset is then partial and a later call completes it.
     """
     from growth.inverse import iterate_simulations
     from rtjax.provenance import run_metadata, write_json_atomic
@@ -236,11 +264,14 @@ def write_dataset(
     atlas_wm, atlas_gm, atlas_spacing = atlas if atlas is not None else load_atlas()
     n_shards = math.ceil(n_cases / shard_size)
     start = time.perf_counter()
+    generated = 0
     for k in range(n_shards):
         path = out_dir / f"shard_{k:05d}.npz"
         want = min(shard_size, n_cases - k * shard_size)
         if path.exists():
             continue
+        if deadline is not None and time.perf_counter() >= deadline and k > 0:
+            break
         stream = iterate_simulations(gen, atlas_wm, atlas_gm, atlas_spacing,
                                      seed=int(np.random.SeedSequence([seed, k]).generate_state(1)[0]), batch_size=sim_batch)
         parts, have = [], 0
@@ -252,12 +283,18 @@ def write_dataset(
         tmp = out_dir / f".shard_{k:05d}.tmp.npz"
         np.savez(tmp, **shard)
         os.replace(tmp, path)
+        generated += want
         if progress:
             done = min((k + 1) * shard_size, n_cases)
             print(f"[data] {out_dir.name}: {done}/{n_cases} cases "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+    on_disk = sum(min(shard_size, n_cases - k * shard_size) for k in range(n_shards)
+                  if (out_dir / f"shard_{k:05d}.npz").exists())
     write_json_atomic(meta_path, {"generator": gen_dict, "seed": seed, "n_cases": n_cases,
-                                  "shard_size": shard_size, **run_metadata()})
+                                  "cases": on_disk, "shard_size": shard_size,
+                                  "generated_this_run": generated,
+                                  "seconds_this_run": time.perf_counter() - start,
+                                  **run_metadata()})
     return out_dir
 
 
@@ -353,6 +390,71 @@ def _single_device(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def learning_rate_factor(step: int, progress: float, warmup_steps: int, end_factor: float = 0.02) -> float:
+    """Multiplier of the peak learning rate: linear warm-up from 0 over `warmup_steps`
+    steps, then a cosine from 1 down to `end_factor` over `progress` in [0, 1] (the
+    fraction of the step count, or of the time budget, spent after the warm-up)."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    p = min(max(progress, 0.0), 1.0)
+    return end_factor + (1.0 - end_factor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _scale_by_factor():
+    """An optax transformation that multiplies the updates by the `lr_factor` extra
+    argument (the schedule is computed on the host: by step, or by the time budget)."""
+    import jax
+    import optax
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, lr_factor=1.0, **extra):
+        del params, extra
+        return jax.tree.map(lambda u: u * lr_factor, updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(tr: TrainConfig):
+    """Gradient clipping, AdamW at the peak rate, then the host-side schedule factor."""
+    import optax
+
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(tr.learning_rate, weight_decay=tr.weight_decay),
+        _scale_by_factor(),
+    )
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """The time budget of one `train_and_evaluate` call (`time.perf_counter()` values;
+    None everywhere without a budget)."""
+
+    start: float
+    data_deadline: float | None
+    train_deadline: float | None
+
+    @classmethod
+    def create(cls, tr: TrainConfig) -> "_Clock":
+        t0 = time.perf_counter()
+        if tr.max_seconds is None:
+            return cls(t0, None, None)
+        return cls(t0, t0 + tr.data_fraction * tr.max_seconds,
+                   t0 + tr.max_seconds - tr.reserve_seconds)
+
+    def out_of_time(self) -> bool:
+        return self.train_deadline is not None and time.perf_counter() >= self.train_deadline
+
+    def progress(self, train_start: float) -> float:
+        """Fraction of the training time budget spent (0 without a budget)."""
+        if self.train_deadline is None:
+            return 0.0
+        return (time.perf_counter() - train_start) / max(self.train_deadline - train_start, 1e-9)
+
+
 def train_and_evaluate(
     config: InverseConfig | str | Path,
     workdir: str | Path,
@@ -360,53 +462,60 @@ def train_and_evaluate(
     stop_after: int | None = None,
     evaluate_at_end: bool = True,
     atlas=None,
+    on_export=None,
 ) -> dict[str, Any]:
-    """Generate data (if missing), train, checkpoint, evaluate and export the weights.
+    """Generate data (if missing), train, checkpoint, export, evaluate and export again.
 
     Resumes from the latest orbax checkpoint in `workdir/checkpoints`. `stop_after` ends the
-    run after that many total steps without evaluating (an interruption, for tests). The
-    resolved config and the run metadata are written to `workdir/config.yaml`.
+    run after that many total steps without evaluating (an interruption, for tests). With
+    `train.max_seconds` the whole call keeps to that wall-clock budget: data generation
+    stops after `data_fraction` of it (the training set is then partial; a resumed run
+    completes it), training stops `reserve_seconds` before its end and the run is then
+    checkpointed, evaluated and exported as if it had reached `steps`; the learning rate
+    follows the time budget (cosine over the time left after the warm-up). The weights are
+    exported to `workdir/weights` before the evaluation (then `on_export(path)` is called,
+    if given) and their `metrics.json` is rewritten after it. The resolved config and the
+    run metadata are written to `workdir/config.yaml`.
 
-    Returns {"start_step", "step", "metrics" (None unless evaluated), "weights" (path or
-    None), "train_seconds"}.
+    Returns {"start_step", "step", "stopped_by" ("steps", "time" or "stop_after"),
+    "metrics" (None unless evaluated), "weights" (path or None), "train_seconds",
+    "data_seconds", "train_cases"}.
     """
     import jax
     import jax.numpy as jnp
-    import optax
     import orbax.checkpoint as ocp
     from flax import nnx
 
     from growth.inverse import count_params, create_ensemble
-    from rtjax.provenance import run_metadata
+    from rtjax.provenance import run_metadata, write_json_atomic
 
     if not isinstance(config, InverseConfig):
         config = load_config(config)
+    clock = _Clock.create(config.train)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tr, gen = config.train, config.generator
     resolved = {**config_to_dict(config), "run": run_metadata()}
     _write_yaml(workdir / "config.yaml", resolved)
 
-    t0 = time.perf_counter()
     if atlas is None and not (_dataset_complete(workdir / "data" / "train", tr.train_cases)
                               and _dataset_complete(workdir / "data" / "val", tr.val_cases)):
         atlas = load_atlas()
-    write_dataset(gen, workdir / "data" / "train", tr.train_cases, seed=tr.seed, atlas=atlas,
-                  shard_size=tr.shard_size, sim_batch=tr.sim_batch)
+    # validation first: it is small, and it must be complete whatever the budget
     write_dataset(gen, workdir / "data" / "val", tr.val_cases, seed=tr.seed + _VAL_SEED_OFFSET,
                   atlas=atlas, shard_size=tr.shard_size, sim_batch=tr.sim_batch)
-    data_seconds = time.perf_counter() - t0
+    write_dataset(gen, workdir / "data" / "train", tr.train_cases, seed=tr.seed, atlas=atlas,
+                  shard_size=tr.shard_size, sim_batch=tr.sim_batch, deadline=clock.data_deadline)
+    data_seconds = time.perf_counter() - clock.start
     train = load_dataset(workdir / "data" / "train", tr.train_cases)
     mean, scale = _target_stats(train)
     n_train = len(train["dw"])
+    print(f"[train] {n_train} training cases ({data_seconds:.0f} s for data)", flush=True)
+    # the training set lives on the device; a step gathers its batch there
+    train_device = {k: jnp.asarray(train[k]) for k in _BATCH_KEYS}
 
     model = create_ensemble(config.net, tr.members, seed=tr.seed)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tr.learning_rate, max(tr.warmup_steps, 1), max(tr.steps, tr.warmup_steps + 1),
-        end_value=tr.learning_rate * 0.02,
-    )
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=tr.weight_decay))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, make_optimizer(tr), wrt=nnx.Param)
 
     manager = _checkpoint_manager(workdir / "checkpoints", tr)
     start_step = 0
@@ -431,7 +540,8 @@ def train_and_evaluate(
     mean_j, scale_j = jnp.asarray(mean), jnp.asarray(scale)
 
     @nnx.jit
-    def train_step(model, optimizer, batch, key):
+    def train_step(model, optimizer, data, idx, key, lr_factor):
+        batch = {k: v[idx] for k, v in data.items()}
         x, y = make_batch(batch, key, mean_j, scale_j)
 
         def loss_fn(model):
@@ -439,7 +549,7 @@ def train_and_evaluate(
             return jnp.mean((pred - y) ** 2, axis=(1, 2)).sum()
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
+        optimizer.update(model, grads, lr_factor=lr_factor)
         return loss / tr.members
 
     def save(step):
@@ -451,53 +561,102 @@ def train_and_evaluate(
 
     end = tr.steps if stop_after is None else min(tr.steps, stop_after)
     t_train = time.perf_counter()
-    losses = []
+    losses, done, saved, stopped_by = [], start_step, start_step, "steps"
     for step in range(start_step, end):
+        if step > start_step and clock.out_of_time():  # at least one step per call
+            stopped_by = "time"
+            break
+        if clock.train_deadline is None:
+            progress = (step - tr.warmup_steps) / max(tr.steps - tr.warmup_steps, 1)
+        else:
+            progress = clock.progress(t_train)
+        factor = learning_rate_factor(step, progress, tr.warmup_steps)
         # the batch of a step depends only on (seed, step): a resumed run sees the same data
         rng = np.random.default_rng((tr.seed, step))
         idx = rng.choice(n_train, size=min(tr.batch_size, n_train), replace=False)
-        batch = {k: jnp.asarray(train[k][idx]) for k in _BATCH_KEYS}
-        loss = float(train_step(model, optimizer, batch, jax.random.fold_in(jax.random.key(tr.seed), step)))
+        key = jax.random.fold_in(jax.random.key(tr.seed), step)
+        loss = float(train_step(model, optimizer, train_device, jnp.asarray(idx), key,
+                                jnp.float32(factor)))
         losses.append(loss)
         done = step + 1
         if done % tr.log_every == 0 or done == end:
             rate = (done - start_step) / (time.perf_counter() - t_train)
             print(f"[train] step {done}/{tr.steps} loss {np.mean(losses[-tr.log_every:]):.4f} "
-                  f"({rate:.2f} steps/s)", flush=True)
+                  f"lr x{factor:.3f} ({rate:.2f} steps/s, "
+                  f"{time.perf_counter() - clock.start:.0f} s)", flush=True)
         if done % tr.checkpoint_every == 0 or done == end:
             save(done)
+            saved = done
+    if stop_after is not None and done < tr.steps and stopped_by == "steps":
+        stopped_by = "stop_after"
+    if done > saved:
+        save(done)
+    if stopped_by == "time":
+        print(f"[train] time budget reached after step {done}", flush=True)
     train_seconds = time.perf_counter() - t_train
-    final_step = max(end, start_step)
+    final_step = max(done, start_step)
     manager.close()
 
-    result = {"start_step": start_step, "step": final_step, "metrics": None, "weights": None,
-              "train_seconds": train_seconds, "data_seconds": data_seconds}
-    if final_step < tr.steps or not evaluate_at_end:
+    result = {"start_step": start_step, "step": final_step, "stopped_by": stopped_by,
+              "metrics": None, "weights": None, "train_seconds": train_seconds,
+              "data_seconds": data_seconds, "train_cases": n_train}
+    if stopped_by == "stop_after" or (stopped_by == "steps" and final_step < tr.steps) \
+            or not evaluate_at_end:
         return result
 
-    val = load_dataset(workdir / "data" / "val", tr.val_cases)
-    t_eval = time.perf_counter()
-    metrics = evaluate(config, model, mean, scale, val, atlas=atlas)
-    metrics.update({
+    tail = losses[-tr.log_every:]
+    summary = {
         "version": config.version,
         "members": tr.members,
         "parameters_per_member": count_params(model) // tr.members,
         "train_cases": n_train,
-        "steps": tr.steps,
-        "final_train_loss": float(np.mean(losses[-tr.log_every:])) if losses else None,
+        "steps": final_step,
+        "steps_configured": tr.steps,
+        "stopped_by": stopped_by,
+        "final_train_loss": float(np.mean(tail)) if tail else None,
+        "loss_curve": _loss_summary(losses, start_step),
         "timing_seconds": {"data_generation": data_seconds, "training_this_run": train_seconds,
-                           "evaluation": time.perf_counter() - t_eval},
+                           "budget": tr.max_seconds},
         "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
         **run_metadata(),
-    })
-    weights = export_weights(model, config, mean, scale, metrics, workdir / "weights")
+    }
+    weights = export_weights(model, config, mean, scale, {**summary, "evaluation": "pending"},
+                             workdir / "weights")
+    if on_export is not None:
+        on_export(weights)
+    val = load_dataset(workdir / "data" / "val", tr.val_cases)
+    t_eval = time.perf_counter()
+    try:
+        metrics = evaluate(config, model, mean, scale, val, atlas=atlas)
+    except Exception as err:  # noqa: BLE001 - the trained weights are exported regardless
+        print(f"[train] evaluation failed: {err!r}", flush=True)
+        metrics = {"evaluation_error": repr(err)}
+    metrics.update(summary)
+    metrics["timing_seconds"]["evaluation"] = time.perf_counter() - t_eval
+    write_json_atomic(weights / "metrics.json", metrics)
+    if on_export is not None:
+        on_export(weights)
+    metrics["timing_seconds"]["total_this_run"] = time.perf_counter() - clock.start
     result.update(metrics=metrics, weights=weights)
+    print(f"[train] exported {weights} ({metrics['timing_seconds']['total_this_run']:.0f} s "
+          "in all)", flush=True)
     return result
+
+
+def _loss_summary(losses: list[float], start_step: int, points: int = 20) -> list[list[float]]:
+    """The training loss averaged over about `points` equal windows: [[last step, mean]]."""
+    if not losses:
+        return []
+    edges = np.linspace(0, len(losses), min(points, len(losses)) + 1).astype(int)
+    return [[start_step + int(b), float(np.mean(losses[a:b]))] for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _dataset_complete(path: Path, n_cases: int) -> bool:
     meta = path / "dataset.json"
-    return meta.exists() and json.loads(meta.read_text()).get("n_cases") == n_cases
+    if not meta.exists():
+        return False
+    data = json.loads(meta.read_text())
+    return data.get("n_cases") == n_cases and data.get("cases", n_cases) >= n_cases
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -569,7 +728,7 @@ def evaluate(config: InverseConfig, model, mean, scale, val: dict, *, atlas=None
         "network": (com_box + pred[:, :3], pred[:, 3], pred[:, 4]),
         "baseline_mean": (com_box, np.full(n, base_a), np.full(n, base_b)),
     }
-    dice = {}
+    dice_scores = {}
     for label, (origin_box, a, b) in estimators.items():
         scores = {lvl: [] for lvl in DICE_LEVELS}
         for i in range(0, m, 8):
@@ -583,9 +742,9 @@ def evaluate(config: InverseConfig, model, mean, scale, val: dict, *, atlas=None
             for k in range(j - i):
                 for lvl in DICE_LEVELS:
                     scores[lvl].append(dice(c_true[k] >= lvl, c_pred[k] >= lvl))
-        dice[label] = {f"c>={lvl:g}": {"mean": float(np.mean(s)), "median": float(np.median(s))}
+        dice_scores[label] = {f"c>={lvl:g}": {"mean": float(np.mean(s)), "median": float(np.median(s))}
                        for lvl, s in scores.items()}
-    return {"val_cases": n, "resimulated_cases": m, "parameter_errors": param, "dice": dice}
+    return {"val_cases": n, "resimulated_cases": m, "parameter_errors": param, "dice": dice_scores}
 
 
 # --------------------------------------------------------------------------- weights
@@ -746,3 +905,155 @@ def predict(core, edema, wm, gm, spacing, *, weights=None) -> dict[str, Any]:
         "warnings": warnings,
     }
     return result
+
+
+# --------------------------------------------------------------------------- device job
+
+
+_FIT_TIMING_SEED = 424_242  # held-out cases of the device job's fit timing
+
+
+def generation_throughput(gen: GeneratorConfig, atlas, batch: int, *, seed: int = 7) -> dict:
+    """Time one vmapped generator batch of `batch` simulations (compiled first, then timed).
+
+    Returns simulations/s, accepted/s, the acceptance rate, the batch's explicit steps
+    (its slowest member's) and the effective voxel-steps/s (batch x steps x box voxels).
+    """
+    import jax
+
+    from growth.inverse import draw_cases, simulate_cases
+
+    wm, gm, spacing = atlas
+    rng = np.random.default_rng(seed)
+    cases = draw_cases(gen, (np.asarray(wm) + np.asarray(gm)) >= gen.origin_tissue_min,
+                       spacing, rng, batch)
+    jax.block_until_ready(simulate_cases(gen, wm, gm, spacing, cases))  # compile (or cache)
+    start = time.perf_counter()
+    out = jax.device_get(simulate_cases(gen, wm, gm, spacing, cases))
+    seconds = time.perf_counter() - start
+    steps = int(math.ceil(float(np.max(cases["sqrt_dw_t"])) ** 2 / gen.d_ref / gen.dt))
+    accepted = int(np.sum(out["accepted"]))
+    return {"batch": batch, "seconds": seconds, "simulations_per_s": batch / seconds,
+            "accepted_per_s": accepted / seconds, "acceptance": accepted / batch,
+            "steps": steps, "box_voxels": gen.sim_shape**3,
+            "voxel_steps_per_s": batch * steps * gen.sim_shape**3 / seconds}
+
+
+def _tar_weights(weights: Path, out_path: Path) -> Path:
+    """`weights` as a .tar.gz holding one folder `inverse/` (the shipped layout of
+    `rtjax/weights/inverse`), written atomically."""
+    import tarfile
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(weights, arcname="inverse")
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def device_job(
+    config: InverseConfig,
+    budget_s: float,
+    out_dir: str | Path,
+    *,
+    workdir: str | Path,
+    fit_share: float = 0.28,
+    fit_cases: int = 8,
+    fit_iterations: int | None = None,
+    started: float | None = None,
+) -> dict:
+    """Train, measure and time the inverse model within `budget_s` seconds of wall time.
+
+    1. `train_and_evaluate` with `max_seconds` = the budget less `fit_share` of it (and 5 s
+       for the outputs), data generation included; the weights go to
+       `out_dir/inverse_weights.tar.gz` as soon as training stops (and again with the
+       validation metrics).
+    2. Data-generation throughput: one timed vmapped batch (`generation_throughput`).
+    3. Network + refinement time per case (`rtjax.fit_evaluation.fit_held_out_case`) on
+       held-out simulated cases of the new weights; a case starts only when 1.5 times the
+       last one's time is left.
+    `out_dir/inverse_metrics.json` is rewritten after every stage. `started` is the
+    `time.perf_counter()` at which the budget began (default: now).
+    """
+    import jax
+
+    from rtjax.provenance import run_metadata, write_json_atomic
+
+    started = time.perf_counter() if started is None else started
+    deadline = started + budget_s
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "inverse_metrics.json"
+    train_budget = budget_s * (1.0 - fit_share) - 5.0 - (time.perf_counter() - started)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_seconds=train_budget))
+    report: dict[str, Any] = {
+        "budget_s": budget_s, "train_budget_s": train_budget, "config": config_to_dict(config),
+        "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})", **run_metadata(),
+    }
+    print(f"[job] {report['device']}: budget {budget_s:.0f} s, training {train_budget:.0f} s",
+          flush=True)
+
+    def stage(name: str, value) -> None:
+        report[name] = value
+        report["elapsed_s"] = time.perf_counter() - started
+        write_json_atomic(metrics_path, report)
+
+    def exported(path) -> None:  # after training, and again after the evaluation
+        _tar_weights(Path(path), out_dir / "inverse_weights.tar.gz")
+        stage("training", json.loads((Path(path) / "metrics.json").read_text()))
+
+    atlas = load_atlas()
+    result = train_and_evaluate(config, workdir, atlas=atlas, on_export=exported)
+    stage("training", {k: result[k] for k in ("start_step", "step", "stopped_by", "train_seconds",
+                                              "data_seconds", "train_cases")} | result["metrics"])
+
+    try:
+        throughput = generation_throughput(config.generator, atlas, config.train.sim_batch)
+        throughput["dataset_accepted_per_s"] = result["train_cases"] / max(result["data_seconds"], 1e-9)
+        print(f"[job] generation: {throughput['simulations_per_s']:.1f} simulations/s "
+              f"({throughput['voxel_steps_per_s'] / 1e9:.2f} G voxel-steps/s)", flush=True)
+    except Exception as err:  # noqa: BLE001 - a failed measurement must not stop the job
+        throughput = {"error": repr(err)}
+        print(f"[job] throughput measurement failed: {err!r}", flush=True)
+    stage("generation_throughput", throughput)
+    try:
+        _time_fits(config, result["weights"], atlas, deadline, fit_cases, fit_iterations, stage)
+    except Exception as err:  # noqa: BLE001
+        stage("fit_timing_error", repr(err))
+        print(f"[job] fit timing failed: {err!r}", flush=True)
+    print(f"[job] done in {time.perf_counter() - started:.0f} s of {budget_s:.0f} s", flush=True)
+    return report
+
+
+def _time_fits(config, weights_path, atlas, deadline, fit_cases, fit_iterations, stage) -> None:
+    """Stage 3 of `device_job`: network + refinement seconds per held-out case."""
+    from growth.fit import FitConfig
+    from rtjax.fit_evaluation import LEVELS, fit_held_out_case, format_fit_table, held_out_cases
+
+    fit_iterations = FitConfig().max_iterations if fit_iterations is None else fit_iterations
+    fit_stage = {"iterations": fit_iterations, "seed": _FIT_TIMING_SEED, "cases": []}
+    weights = load_weights(weights_path)
+    spacing = (config.generator.net_spacing,) * 3
+    cases = held_out_cases(config.generator, fit_cases, seed=_FIT_TIMING_SEED, atlas=atlas,
+                           batch_size=config.train.sim_batch)
+    for case in cases:
+        last = fit_stage["cases"][-1] if fit_stage["cases"] else None
+        need = 0.0 if last is None else 1.5 * (last["network"]["seconds"] + last["refined"]["seconds"])
+        if time.perf_counter() + need >= deadline - 3.0:
+            break
+        fit_stage["cases"].append(fit_held_out_case(case, spacing, weights=weights,
+                                                    iterations=fit_iterations))
+        seconds = [c["refined"]["seconds"] for c in fit_stage["cases"]]
+        fit_stage.update({
+            "seconds_per_case": seconds,
+            "mean_s_per_case": float(np.mean(seconds)),
+            "mean_s_per_case_after_first": float(np.mean(seconds[1:])) if len(seconds) > 1 else None,
+            "table": format_fit_table({"levels": list(LEVELS), "seed": _FIT_TIMING_SEED,
+                                       "weights_version": weights.version,
+                                       "cases": fit_stage["cases"]}),
+        })
+        stage("fit_timing", fit_stage)
+        print(f"[job] fit case {len(seconds)}: network + refinement {seconds[-1]:.1f} s", flush=True)
+    if fit_stage["cases"]:
+        print(fit_stage["table"], flush=True)

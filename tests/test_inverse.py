@@ -18,6 +18,7 @@ from growth.inverse import (
     draw_cases,
     ensemble_apply,
     masks_to_inputs,
+    simulate_anisotropic_cases,
     simulate_cases,
     threshold_inputs,
 )
@@ -27,6 +28,7 @@ from rtjax.inverse_model import (
     TrainConfig,
     config_from_dict,
     export_weights,
+    learning_rate_factor,
     load_config,
     load_weights,
     predict,
@@ -111,6 +113,45 @@ def test_generator_origins_in_tissue_and_accepted_cases_fit_the_crop(simulated):
         assert np.linalg.norm(out["origin_rel_mm"][k]) < TINY_GEN.fov_mm / 2
 
 
+def _along_x_tensor(shape, anisotropy=6.0):
+    """A trace-3 shape tensor field with its principal axis along array axis 0."""
+    d = np.array([anisotropy, 1.0, 1.0]) * 3 / (anisotropy + 2)
+    t6 = np.zeros((6, *shape), np.float32)
+    t6[0], t6[3], t6[5] = d  # xx, yy, zz
+    return t6
+
+
+def _second_moments(c, spacing):
+    idx = np.indices(c.shape).reshape(3, -1) * spacing
+    w = c.reshape(-1) / c.sum()
+    mean = idx @ w
+    return ((idx - mean[:, None]) ** 2) @ w
+
+
+def test_anisotropic_generator_obeys_thresholds_and_grows_along_the_fibres(atlas):
+    wm, gm, spacing = atlas
+    cases = draw_cases(TINY_GEN, (wm + gm) >= 0.5, spacing, np.random.default_rng(3), 2)
+    tensor = _along_x_tensor(wm.shape)
+    aniso = simulate_anisotropic_cases(TINY_GEN, wm, gm, tensor, spacing, cases)
+    iso = jax.device_get(simulate_cases(TINY_GEN, wm, gm, spacing, cases))
+    assert aniso["density"].shape == iso["density"].shape
+    for k in range(2):
+        c = aniso["density"][k]
+        u_t1, u_fl = float(cases["u_t1"][k]), float(cases["u_fl"][k])
+        x, _ = threshold_inputs(c, aniso["wm"][k], aniso["gm"][k], u_t1, u_fl, TINY_GEN.net_spacing)
+        np.testing.assert_array_equal(np.asarray(x[..., 0]) == 1, c >= u_t1)
+        np.testing.assert_array_equal(np.asarray(x[..., 1]) == 1, (c >= u_fl) & (c < u_t1))
+        assert np.all((c >= 0) & (c <= 1))
+        # the tissue is the isotropic generator's; the tumour is longer along x (rotations
+        # of the anatomy are at most 8 degrees; the first case barely grows beyond its
+        # seed), the isotropic one is not
+        np.testing.assert_allclose(aniso["wm"][k], iso["wm"][k], atol=1e-5)
+        m_aniso = _second_moments(c, TINY_GEN.net_spacing)
+        m_iso = _second_moments(iso["density"][k], TINY_GEN.net_spacing)
+        assert m_aniso[0] > 1.25 * m_aniso[1:].mean()
+        assert m_iso[0] < 1.05 * m_iso[1:].mean()
+
+
 # --------------------------------------------------------------------------- geometry
 
 
@@ -172,7 +213,7 @@ def test_network_shapes_and_parameter_count():
 
 
 def test_configs_load_and_build():
-    for name in ("inverse_cpu", "inverse_h100"):
+    for name in ("inverse_cpu", "inverse_h100", "inverse_tiny"):
         cfg = load_config(f"configs/{name}.yaml")
         abstract = nnx.eval_shape(lambda: create_ensemble(cfg.net, cfg.train.members))
         assert count_params(abstract) * 4 <= 20e6  # the shipped weights stay under 20 MB
@@ -200,6 +241,36 @@ def test_checkpoint_resume(tmp_path, atlas):
     assert second["data_seconds"] < first["data_seconds"]  # shards reused, not regenerated
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [3, 4, 5]
+
+
+def test_max_seconds_stops_training_and_still_exports_loadable_weights(tmp_path, atlas):
+    cfg = InverseConfig(
+        version="budget", generator=TINY_GEN, net=TINY_NET,
+        train=TrainConfig(members=2, train_cases=64, val_cases=2, val_resim_cases=2,
+                          shard_size=8, sim_batch=8, batch_size=4, steps=10**6,
+                          checkpoint_every=10**6, log_every=50, max_seconds=12.0,
+                          data_fraction=0.2, reserve_seconds=4.0),
+    )
+    out = train_and_evaluate(cfg, tmp_path, atlas=atlas)
+    assert out["stopped_by"] == "time" and 0 < out["step"] < cfg.train.steps
+    assert 8 <= out["train_cases"] <= 64  # generation also kept to its share of the budget
+    assert out["metrics"]["stopped_by"] == "time" and out["metrics"]["steps"] == out["step"]
+    loaded = load_weights(out["weights"])
+    assert loaded.version == "budget"
+    x = jax.random.uniform(jax.random.key(2), (1, 16, 16, 16, 4))
+    assert np.all(np.isfinite(np.asarray(loaded.apply(x))))
+    # the run was checkpointed where it stopped: a second call resumes there
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == out["step"]
+
+
+def test_learning_rate_factor_warms_up_then_decays():
+    assert learning_rate_factor(0, 0.0, 10) == 0.0
+    assert learning_rate_factor(5, 0.0, 10) == 0.5
+    assert learning_rate_factor(10, 0.0, 10) == pytest.approx(1.0)
+    assert learning_rate_factor(10, 0.5, 10) == pytest.approx(0.51)
+    assert learning_rate_factor(99, 1.0, 10) == pytest.approx(0.02)
+    assert learning_rate_factor(99, 3.0, 10) == pytest.approx(0.02)
 
 
 def test_export_and_load_weights_round_trip(tmp_path):
