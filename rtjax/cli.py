@@ -72,7 +72,7 @@ def simulate(
 
 @app.command()
 def fit(
-    case_dir: Annotated[Path, typer.Argument(help="Case folder with seg, wm, gm.")],
+    case_dir: Annotated[Path, typer.Argument(help="Case folder with seg (else t1c + flair, segmented), wm + gm (else the registered atlas).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     labels: Annotated[str, typer.Option("--labels", help="Label convention of seg: brats2021, brats2023, brats2015, gliodil, tum.")],
     ignore_labels: Annotated[Optional[list[int]], typer.Option("--ignore-labels", help="Label values to drop explicitly (repeatable).")] = None,
@@ -82,11 +82,12 @@ def fit(
     edema: Annotated[Optional[Path], typer.Option("--edema", help="Edema mask as a separate file (TUM/Lipkova FLAIR masks).")] = None,
     start: Annotated[str, typer.Option("--start", help="Starting estimate: network or heuristic.")] = "network",
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Inverse-network weights folder (default: shipped).")] = None,
-    iterations: Annotated[int, typer.Option("--iterations", help="Refinement iterations at most.")] = 120,
+    iterations: Annotated[int, typer.Option("--iterations", help="Refinement iterations at most.")] = 150,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
-    """Fit the growth model to a segmented case: inverse network, then gradient refinement
-    through the solver; writes density.nii.gz and params.json on the input grid."""
+    """Fit the growth model to a case: inverse network, then gradient refinement through the
+    solver; writes density.nii.gz and params.json on the input grid. A case without seg is
+    segmented from t1c + flair, one without wm/gm gets the atlas registered (tissue/)."""
     from growth.fit import FitConfig
     from rtjax.errors import InputError
     from rtjax.fit import fit_case_dir
@@ -113,7 +114,7 @@ _RUN_HELP = {
     "ignore_labels": "Label values to drop explicitly (repeatable).",
     "margin_mm": "Standard CTV margin from the tumour core, mm [default: 15].",
     "start": "Fit start: network or heuristic [default: network].",
-    "iterations": "Refinement iterations at most [default: 120].",
+    "iterations": "Refinement iterations at most [default: 150].",
     "config": "YAML mapping of these option names (labels, ignore_labels, margin_mm, start, "
               "iterations); command-line values win.",
 }
@@ -131,7 +132,7 @@ def _run_options(config, **given):
 
 @app.command()
 def run(
-    case_dir: Annotated[Path, typer.Argument(help="Case folder with seg, wm, gm [brain_mask, recurrence, t1c, flair].")],
+    case_dir: Annotated[Path, typer.Argument(help="Case folder with seg (else t1c + flair, segmented), wm + gm (else the registered atlas) [brain_mask, recurrence, t1c, flair].")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (written via OUT.partial, then renamed).")],
     labels: Annotated[Optional[str], typer.Option("--labels", help=_RUN_HELP["labels"])] = None,
     ignore_labels: Annotated[Optional[list[int]], typer.Option("--ignore-labels", help=_RUN_HELP["ignore_labels"])] = None,
@@ -141,8 +142,8 @@ def run(
     config: Annotated[Optional[Path], typer.Option("--config", help=_RUN_HELP["config"])] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
-    """The whole pipeline for one segmented case: fit, density, standard and iso-volumetric
-    model CTVs, recurrence coverage when a recurrence is given, and a report figure, all on
+    """The whole pipeline for one case: segmentation (if no seg), atlas tissue (if no wm/gm),
+    fit, density, standard and iso-volumetric model CTVs, recurrence coverage when a recurrence is given, and a report figure, all on
     the input grid."""
     from rtjax.errors import InputError
     from rtjax.pipeline import run_case
@@ -233,6 +234,82 @@ def demo(
     for path in run_demo(out, patient):
         typer.echo(f"wrote {path}")
     typer.echo(demo_summary(out))
+
+
+@app.command()
+def tissue(
+    case_dir: Annotated[Path, typer.Argument(help="Case folder: t1 or t1c [seg, brain_mask], or its own wm, gm [csf].")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    deformable: Annotated[bool, typer.Option("--deformable/--affine-only", help="Atlas registration: affine then SyN, or affine only.")] = True,
+) -> None:
+    """Tissue maps of a case: its own wm/gm/csf, or the MNI152 atlas registered to its T1
+    (else T1c) with ANTs, the tumour (seg) masked out of the cost; writes wm, gm, csf,
+    brain_mask (.nii.gz, input grid), tissue.png and tissue.json. A rerun reuses them."""
+    from rtjax.anatomy import case_tissue
+    from rtjax.errors import InputError
+
+    try:
+        result = case_tissue(case_dir, out, deformable=deformable, log=typer.echo)
+    except (InputError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"tissue from the {result.info['source']}; tumour masked from the cost: "
+               f"{result.info['tumour_masked']}")
+    for name in ("wm.nii.gz", "gm.nii.gz", "csf.nii.gz", "brain_mask.nii.gz", "tissue.png", "tissue.json"):
+        typer.echo(f"wrote {out / name}")
+
+
+@app.command("train-seg")
+def train_seg(
+    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/seg_cpu.yaml.")],
+    workdir: Annotated[Path, typer.Option("--workdir", help="Checkpoints, bank, leave-one-out results, weights/.")],
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="Wall-clock budget, s (overrides train.max_seconds).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Real-data root with brats2015/ and tcga/ (overrides data.root).")] = None,
+) -> None:
+    """Train the segmentation ensemble: FK tumour bank, synthetic base model, leave-one-out
+    fine-tunes scored on the real cases, final fine-tune; resumes from WORKDIR's checkpoints
+    and writes WORKDIR/weights (the shipped layout)."""
+    import dataclasses
+
+    from rtjax.seg.config import load_config
+    from rtjax.seg.train import train_and_evaluate
+
+    try:
+        cfg = load_config(config)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data)))
+    result = train_and_evaluate(cfg, workdir, max_seconds=max_seconds)
+    typer.echo(f"wrote {result['weights']}")
+
+
+@app.command()
+def segment(
+    case_dir: Annotated[Path, typer.Argument(help="Case folder with t1c and flair (BraTS 2021/2023 names accepted).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    labels: Annotated[str, typer.Option("--labels", help="Output label convention: brats2021 (4 = ET) or brats2023 (3 = ET).")] = "brats2021",
+    uncertainty: Annotated[bool, typer.Option("--uncertainty/--no-uncertainty", help="Flip TTA + ensemble spread; writes segmentation_uncertainty.nii.gz.")] = False,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Weights folder (default: the shipped rtjax/weights/seg).")] = None,
+) -> None:
+    """Segment necrosis, enhancing tumour and edema from T1c + FLAIR; writes
+    segmentation.nii.gz (uint8, on the input grid) and volumes in mL."""
+    from rtjax.errors import InputError
+    from rtjax.labels import get_convention, split_labels
+    from rtjax.seg.infer import segment_case, write_segmentation
+
+    if labels.lower() not in ("brats2021", "brats2023"):
+        _fail(f"--labels must be brats2021 or brats2023, got {labels!r}")
+    try:
+        label_array, unc, ref = segment_case(case_dir, weights=weights, labels=labels, uncertainty=uncertainty)
+        paths = write_segmentation(out, label_array, unc, ref)
+    except (InputError, FileNotFoundError) as err:
+        _fail(str(err))
+    masks = split_labels(label_array, get_convention(labels))
+    ml = ref.voxel_volume_ml
+    for path in paths:
+        typer.echo(f"wrote {path}")
+    typer.echo(f"volumes (mL): necrosis {masks.necrosis.sum() * ml:.1f}, enhancing {masks.enhancing.sum() * ml:.1f}, "
+               f"edema {masks.edema.sum() * ml:.1f}, whole tumour {masks.whole.sum() * ml:.1f}")
 
 
 @app.command()
