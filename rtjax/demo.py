@@ -4,12 +4,16 @@
    the visible necrosis, enhancing core and edema (the segmentation a clinic would have).
 2. The visible core is resected and the residual (invisible) tumour regrows for
    `recurrence_days`; the recurrence is the new enhancing tumour outside the cavity.
-3. That case folder (`case/`: seg, wm, gm, recurrence; the hidden truth in `truth/`) goes
-   through `rtjax run`: the fit (inverse network + refinement), the standard 15 mm CTV,
-   the iso-volumetric model CTV and the recurrence coverage of both (`results/`).
+3. MR-like T1c and FLAIR are rendered from the density and the atlas tissue
+   (`rtjax.seg.synth.render_case`, fixed seed).
+4. That case folder (`case/`: seg, wm, gm, t1c, flair, recurrence; the hidden truth in
+   `truth/`) goes through `rtjax run`: the fit (inverse network + refinement), the standard
+   15 mm CTV, the iso-volumetric model CTV and the recurrence coverage of both (`results/`).
+5. The segmentation network segments the rendered images (`network_segmentation/`), scored
+   against the imaging model's masks. The fit uses the imaging model's `seg`: the shipped
+   segmentation weights are still weak (see rtjax/weights/seg/MODEL_CARD.md).
 
-Not yet in it: images rendered from the tumour and the segmentation network (the
-segmentation is the imaging model's), and atlas registration (the atlas is the anatomy).
+The atlas is the patient's anatomy, so no registration is needed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEMO_PATIENT", "load_patient_config", "run_demo", "demo_summary"]
+__all__ = [
+    "DEMO_PATIENT",
+    "load_patient_config",
+    "make_simulator",
+    "visible_tumour",
+    "grow_density",
+    "regrow",
+    "simulate_recurrence",
+    "write_case",
+    "segment_demo_case",
+    "run_demo",
+    "demo_summary",
+]
 
 #: The built-in synthetic patient: a left frontal white-matter tumour.
 DEMO_PATIENT = {
@@ -48,26 +64,106 @@ def load_patient_config(path: str | Path) -> dict:
     return config
 
 
-def _regrow(tissue, density, resected, patient) -> np.ndarray:
-    """Grow the residual density (the resected voxels emptied) for `recurrence_days`."""
-    import jax.numpy as jnp
+def make_simulator(tissue, *, dw_max: float, t_max: float, shape_tensor=None):
+    """An FK simulator on the bounding box of the tissue (exact: no density reaches voxels
+    without tissue), built for Dw up to `dw_max` (mm^2/day) and times up to `t_max` (days):
+    isotropic, or anisotropic along `shape_tensor` (a `rtjax.simulate.ShapeTensor` on the
+    tissue grid). Building it once and calling it with new parameters never recompiles.
 
-    from growth import FKParams, FKSimulator, Grid, solve_fk
+    Returns (sim, box): the simulator on the cropped grid and the box's slices.
+    """
+    from growth import FKSimulator, Grid
+    from growth.anisotropic import AnisotropicFKSimulator
     from rtjax.io import bounding_box
 
     wm, gm = tissue.wm.data, tissue.gm.data
     box = bounding_box(wm + gm > 0, pad=1)
     grid = Grid(tuple(s.stop - s.start for s in box), tissue.reference.spacing)
-    sim = FKSimulator.create(wm[box], gm[box], grid, dw_max=patient["dw"],
-                             t_max=patient["recurrence_days"])
+    if shape_tensor is None:
+        return FKSimulator.create(wm[box], gm[box], grid, dw_max=dw_max, t_max=t_max), box
+    tensor = shape_tensor.components[(slice(None), *box)]
+    return AnisotropicFKSimulator.create(wm[box], gm[box], tensor, grid, dw_max=dw_max,
+                                         t_max=t_max), box
+
+
+def visible_tumour(density: np.ndarray, patient: dict):
+    """The imaging model's segmentation of a density (X, Y, Z) in [0, 1]: core where
+    c >= u_t1 (necrosis where c >= u_necrosis, enhancing elsewhere), edema where
+    u_fl <= c < u_t1; thresholds from the `patient` mapping (keys of `DEMO_PATIENT`)."""
+    from growth import visible_masks
+    from rtjax.labels import TumourMasks
+
+    core, edema = (np.asarray(m) for m in visible_masks(density, patient["u_t1"], patient["u_fl"]))
+    necrosis = density >= patient["u_necrosis"]
+    return TumourMasks(necrosis=necrosis, enhancing=core & ~necrosis, edema=edema)
+
+
+def grow_density(sim, box, initial: np.ndarray, patient: dict, days: float) -> np.ndarray:
+    """Grow a full-grid density `initial` (X, Y, Z) in [0, 1] for `days` days with the
+    patient's dw, rho and ratio on `sim` (from `make_simulator` on `box`, built for at
+    least `days`); returns the full-grid density, float32. Calls with new values reuse one
+    compiled solve."""
+    import jax.numpy as jnp
+
+    from growth import FKParams, solve_fk
+
     params = FKParams(jnp.float32(patient["dw"]), jnp.float32(patient["rho"]),
                       jnp.float32(patient["ratio"]))
-    residual = np.where(resected, 0.0, density)[box].astype(np.float32)
-    regrown = solve_fk(jnp.asarray(residual), sim.diffusion(params), params.rho,
-                       patient["recurrence_days"], dt=sim.dt, max_steps=sim.max_steps)
-    out = np.zeros_like(density)
-    out[box] = np.asarray(regrown)
+    grown = solve_fk(jnp.asarray(initial[box], jnp.float32), sim.diffusion(params), params.rho,
+                     days, dt=sim.dt, max_steps=sim.max_steps)
+    out = np.zeros(initial.shape, np.float32)
+    out[box] = np.asarray(grown)
     return out
+
+
+def regrow(sim, box, density: np.ndarray, resected: np.ndarray, patient: dict) -> np.ndarray:
+    """Grow the residual density (the `resected` voxels emptied) for the patient's
+    `recurrence_days` (`grow_density`); returns the full-grid density, float32."""
+    residual = np.where(resected, 0.0, density)
+    return grow_density(sim, box, residual, patient, patient["recurrence_days"])
+
+
+def simulate_recurrence(sim, box, density: np.ndarray, core: np.ndarray,
+                        patient: dict) -> np.ndarray:
+    """The recurrence after resection of the visible `core`: the residual tumour regrown
+    (`regrow`) and seen on T1c (c >= u_t1), outside the resection cavity; bool (X, Y, Z)."""
+    return (regrow(sim, box, density, core, patient) >= patient["u_t1"]) & ~core
+
+
+def write_case(case_dir, reference, masks, tissue, recurrence, **extra) -> list[Path]:
+    """Write a case folder that `rtjax run` reads: `seg` (BraTS 2021 labels), `wm`, `gm`,
+    `recurrence`, and each `extra` name -> (array, save kind), e.g. `brain_mask` or `csf`.
+    Arrays are canonical on `reference`'s grid; returns the paths written."""
+    from rtjax.io import save_image
+    from rtjax.labels import combine_labels, get_convention
+
+    case_dir = Path(case_dir)
+    images = {"seg": (combine_labels(masks, get_convention("brats2021")), "label"),
+              "wm": (tissue.wm.data, "float"), "gm": (tissue.gm.data, "float"),
+              "recurrence": (recurrence, "mask"), **extra}
+    return [save_image(array, reference, case_dir / f"{name}.nii.gz", kind=kind)
+            for name, (array, kind) in images.items()]
+
+
+def segment_demo_case(case_dir, out_dir) -> list[Path]:
+    """Segment a case folder's t1c/flair with the shipped network and score it against the
+    folder's `seg` (BraTS 2021 labels): writes `segmentation.nii.gz` and `network.json`
+    (Dice per region WT, TC, ET, and the weights version) into `out_dir`."""
+    from rtjax.io import load_tumour_masks
+    from rtjax.labels import split_labels
+    from rtjax.metrics import dice
+    from rtjax.provenance import write_json_atomic
+    from rtjax.seg.infer import load_weights, segment_case, write_segmentation
+
+    weights = load_weights()
+    labels, _, reference = segment_case(case_dir, weights=weights)
+    found = split_labels(labels, "brats2021")
+    given, _ = load_tumour_masks(Path(case_dir) / "seg.nii.gz", "brats2021")
+    scores = {region: dice(getattr(found, attr), getattr(given, attr))
+              for region, attr in (("WT", "whole"), ("TC", "core"), ("ET", "enhancing"))}
+    return [*write_segmentation(out_dir, labels, None, reference),
+            write_json_atomic(Path(out_dir) / "network.json",
+                              {"weights_version": weights.version, "dice_against_seg": scores})]
 
 
 def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool = True) -> list[Path]:
@@ -75,11 +171,10 @@ def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool
 
     Returns the paths written (truth, case inputs and the pipeline's results).
     """
-    from growth import visible_masks
     from rtjax.io import save_image
-    from rtjax.labels import TumourMasks, combine_labels, get_convention
     from rtjax.pipeline import run_case
     from rtjax.provenance import write_json_atomic
+    from rtjax.seg.synth import render_case
     from rtjax.simulate import load_tissue, simulate_density
 
     patient = {**DEMO_PATIENT, **(patient or {})}
@@ -91,19 +186,15 @@ def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool
         ratio=patient["ratio"], origin_mm=patient["origin_mm"], progress=progress,
     )
     density = truth.density
-    core, edema = (np.asarray(m) for m in visible_masks(density, patient["u_t1"], patient["u_fl"]))
-    necrosis = density >= patient["u_necrosis"]
-    masks = TumourMasks(necrosis=necrosis, enhancing=core & ~necrosis, edema=edema)
-    regrown = _regrow(tissue, density, core, patient)
-    recurrence = (regrown >= patient["u_t1"]) & ~core
+    masks = visible_tumour(density, patient)
+    sim, box = make_simulator(tissue, dw_max=patient["dw"], t_max=patient["recurrence_days"])
+    recurrence = simulate_recurrence(sim, box, density, masks.core, patient)
+    t1c, flair = render_case(density, tissue.wm.data, tissue.gm.data, ref.spacing, seed=0,
+                             thresholds=(patient["u_fl"], patient["u_t1"], patient["u_necrosis"]))
 
     case = out_dir / "case"
     paths = [
-        save_image(combine_labels(masks, get_convention("brats2021")), ref,
-                   case / "seg.nii.gz", kind="label"),
-        save_image(tissue.wm.data, ref, case / "wm.nii.gz", kind="float"),
-        save_image(tissue.gm.data, ref, case / "gm.nii.gz", kind="float"),
-        save_image(recurrence, ref, case / "recurrence.nii.gz", kind="mask"),
+        *write_case(case, ref, masks, tissue, recurrence, t1c=(t1c, "float"), flair=(flair, "float")),
         save_image(density, ref, out_dir / "truth" / "density_true.nii.gz", kind="density"),
         write_json_atomic(out_dir / "truth" / "patient.json",
                           {"patient": patient, "simulation": truth.info,
@@ -112,6 +203,7 @@ def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool
     results = out_dir / "results"
     summary = run_case(case, results, labels="brats2021", progress=progress)
     paths += [results / name for name in summary["outputs"]]
+    paths += segment_demo_case(case, out_dir / "network_segmentation")
     return paths
 
 
@@ -127,4 +219,10 @@ def demo_summary(out_dir: str | Path) -> str:
     if coverage:
         lines.append(f"recurrence coverage: standard {coverage['standard_coverage']:.3f}, "
                      f"model {coverage['model_coverage']:.3f}")
+    network = Path(out_dir) / "network_segmentation" / "network.json"
+    if network.exists():
+        scores = json.loads(network.read_text())
+        dice = scores["dice_against_seg"]
+        lines.append(f"segmentation network {scores['weights_version']} on the rendered images: "
+                     f"Dice WT {dice['WT']:.3f}, TC {dice['TC']:.3f}, ET {dice['ET']:.3f}")
     return "\n".join(lines)

@@ -54,6 +54,10 @@ __all__ = [
     "predict",
     "generation_throughput",
     "device_job",
+    "check_config_keys",
+    "checkpoint_manager",
+    "to_single_device",
+    "write_yaml",
 ]
 
 #: The weights shipped inside the package.
@@ -133,7 +137,8 @@ class InverseConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _check_keys(cls, data: dict, where: str) -> None:
+def check_config_keys(cls, data: dict, where: str) -> None:
+    """Raise ValueError naming `where` when `data` has keys that dataclass `cls` lacks."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -143,7 +148,7 @@ def _check_keys(cls, data: dict, where: str) -> None:
 def config_from_dict(data: dict) -> InverseConfig:
     """Build an `InverseConfig` from a mapping; unknown keys are errors."""
     data = dict(data or {})
-    _check_keys(InverseConfig, data, "config")
+    check_config_keys(InverseConfig, data, "config")
     gen_data = dict(data.get("generator") or {})
     gen = GeneratorConfig.from_dict(gen_data)
     net_data = dict(data.get("net") or {})
@@ -152,7 +157,7 @@ def config_from_dict(data: dict) -> InverseConfig:
     net_data["net_shape"] = gen.net_shape
     net = NetConfig.from_dict(net_data)
     train_data = dict(data.get("train") or {})
-    _check_keys(TrainConfig, train_data, "config.train")
+    check_config_keys(TrainConfig, train_data, "config.train")
     return InverseConfig(
         version=str(data.get("version", "dev")), generator=gen, net=net,
         train=TrainConfig(**train_data),
@@ -186,7 +191,8 @@ def config_to_dict(config: InverseConfig) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def _write_yaml(path: Path, data: dict) -> None:
+def write_yaml(path: Path, data: dict) -> None:
+    """Write `data` as YAML (key order kept), creating the parent folder."""
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +378,8 @@ def _make_batch_fn(config: InverseConfig):
 _BATCH_KEYS = ("density", "wm", "gm", "origin_rel_mm", "sqrt_dw_t", "sqrt_rho_t", "u_t1", "u_fl")
 
 
-def _checkpoint_manager(directory: Path, tr: TrainConfig):
+def checkpoint_manager(directory: Path, tr: TrainConfig):
+    """An orbax CheckpointManager in `directory` keeping the config's last checkpoints."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
@@ -381,7 +388,7 @@ def _checkpoint_manager(directory: Path, tr: TrainConfig):
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
 
-def _single_device(tree):
+def to_single_device(tree):
     """Abstract arrays placed on the default device (a checkpoint written on a GPU then
     restores on a CPU-only machine)."""
     import jax
@@ -496,7 +503,7 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     tr, gen = config.train, config.generator
     resolved = {**config_to_dict(config), "run": run_metadata()}
-    _write_yaml(workdir / "config.yaml", resolved)
+    write_yaml(workdir / "config.yaml", resolved)
 
     if atlas is None and not (_dataset_complete(workdir / "data" / "train", tr.train_cases)
                               and _dataset_complete(workdir / "data" / "val", tr.val_cases)):
@@ -517,13 +524,13 @@ def train_and_evaluate(
     model = create_ensemble(config.net, tr.members, seed=tr.seed)
     optimizer = nnx.Optimizer(model, make_optimizer(tr), wrt=nnx.Param)
 
-    manager = _checkpoint_manager(workdir / "checkpoints", tr)
+    manager = checkpoint_manager(workdir / "checkpoints", tr)
     start_step = 0
     latest = manager.latest_step()
     if latest is not None:
         target = {
-            "model": _single_device(nnx.to_pure_dict(nnx.state(model))),
-            "opt": _single_device(nnx.to_pure_dict(nnx.state(optimizer))),
+            "model": to_single_device(nnx.to_pure_dict(nnx.state(model))),
+            "opt": to_single_device(nnx.to_pure_dict(nnx.state(optimizer))),
         }
         restored = manager.restore(latest, args=ocp.args.Composite(
             model=ocp.args.StandardRestore(target["model"]),
@@ -765,7 +772,7 @@ def export_weights(model, config: InverseConfig, mean, scale, metrics: dict, out
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / "params", params)
-    _write_yaml(out_dir / "config.yaml", {
+    write_yaml(out_dir / "config.yaml", {
         **config_to_dict(config),
         "normalisation": {"targets": list(TARGET_NAMES), "mean": [float(v) for v in mean],
                           "scale": [float(v) for v in scale]},
@@ -818,7 +825,7 @@ def _load_weights_cached(path: Path) -> InverseWeights:
     config = config_from_dict(data)
     abstract = nnx.eval_shape(lambda: create_ensemble(config.net, config.train.members))
     graphdef, state = nnx.split(abstract)
-    target = _single_device(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    target = to_single_device(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(path / "params", target)
     nnx.replace_by_pure_dict(state, restored)

@@ -49,6 +49,9 @@ __all__ = [
     "plot_coverage_curves",
     "smallest_volume_for_coverage",
     "write_cohort_csv",
+    "atomic_write",
+    "save_figure",
+    "headless_pyplot",
 ]
 
 COVERAGE_LEVELS = (0.95, 1.0)
@@ -290,7 +293,7 @@ def cohort_table(cases: Sequence[CaseCoverage]) -> str:
     return buffer.getvalue()
 
 
-def _atomic_write(path: str | Path, write: Callable[[str], None], suffix: str) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,7 +317,7 @@ def write_cohort_csv(path: str | Path, cases: Sequence[CaseCoverage]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
 
-    return _atomic_write(path, write, ".tmp")
+    return atomic_write(path, write, ".tmp")
 
 
 @dataclass(frozen=True)
@@ -370,19 +373,21 @@ def paired_test(cases: Iterable[CaseCoverage]) -> PairedTest:
 # --------------------------------------------------------------------------- figures
 
 
-def _save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure atomically (PNG at the figure's dpi) and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     suffix = path.suffix or ".png"
     try:
-        return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=suffix[1:]),
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=suffix[1:]),
                              suffix)
     finally:
         plt.close(fig)
 
 
-def _pyplot():
+def headless_pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,7 +406,7 @@ def plot_coverage_curves(
     """Coverage (%) against CTV volume (mL), one line per curve, with optional marked
     ``points`` ``(label, volume_ml, coverage)`` (e.g. the iso-volumetric CTVs); written
     atomically (format from the suffix, PNG by default)."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
     for curve in curves:
         order = np.argsort(curve.volumes_ml, kind="stable")
@@ -417,13 +422,13 @@ def plot_coverage_curves(
     if title:
         ax.set_title(title)
     ax.legend(loc="lower right")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cohort(cases: Sequence[CaseCoverage], path: str | Path, *, title: str = "") -> Path:
     """Cohort figure: paired coverages (standard vs model at equal volume, one line per
     case) and the volumes each family needs for 100 % coverage; written atomically."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
     for case in cases:
         left.plot([0, 1], [100 * case.standard_coverage, 100 * case.model_coverage],
@@ -442,4 +447,4 @@ def plot_cohort(cases: Sequence[CaseCoverage], path: str | Path, *, title: str =
     right.set_ylabel("model CTV volume for 100 % coverage (mL)")
     if title:
         fig.suptitle(title)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -12,6 +13,7 @@ from rtjax.atlas import atlas_tissue_paths
 from rtjax.benchmark import benchmark_solver, format_table
 from rtjax.cli import app
 from rtjax.demo import DEMO_PATIENT, demo_summary, run_demo
+from rtjax.metrics import dice
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +43,13 @@ def test_demo_runs_the_pipeline_on_the_synthetic_patient(tmp_path):
     coverage = json.loads((out / "results" / "coverage.json").read_text())
     assert coverage["standard_coverage"] == (recurrence & standard).sum() / recurrence.sum()
     assert "recurrence coverage" in demo_summary(out)
+    # rendered images on the case grid, segmented by the shipped network and scored
+    t1c = np.asarray(nib.load(out / "case" / "t1c.nii.gz").dataobj)
+    assert t1c.shape == atlas.shape and t1c.min() >= 0 and t1c[labels == 4].mean() > t1c[labels == 0].mean()
+    network = json.loads((out / "network_segmentation" / "network.json").read_text())
+    found = np.asarray(nib.load(out / "network_segmentation" / "segmentation.nii.gz").dataobj)
+    assert network["dice_against_seg"]["WT"] == pytest.approx(dice(found > 0, labels > 0))
+    assert "segmentation network" in demo_summary(out)
     assert not list(out.rglob(".*"))  # no temporary files left
 
 

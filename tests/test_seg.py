@@ -113,7 +113,7 @@ def test_tiny_model_overfits_a_synthetic_case():
 
 
 def test_checkpoint_round_trip(tmp_path, cfg, tiny_weights, phantom):
-    from rtjax.inverse_model import _checkpoint_manager
+    from rtjax.inverse_model import checkpoint_manager
     from rtjax.seg.train import _optimizer, _restore, _save, export_weights
 
     params = tiny_weights.params
@@ -126,7 +126,7 @@ def test_checkpoint_round_trip(tmp_path, cfg, tiny_weights, phantom):
     # a training checkpoint (parameters + optimiser state) restores exactly
     opt_state = _optimizer(cfg).init(params)
     opt_state = jax.tree.map(lambda v: v + 1.0 if jnp.issubdtype(v.dtype, jnp.floating) else v, opt_state)
-    manager = _checkpoint_manager(tmp_path / "ckpt", cfg.train)
+    manager = checkpoint_manager(tmp_path / "ckpt", cfg.train)
     _save(manager, 3, params, opt_state)
     blank = jax.tree.map(jnp.zeros_like, params)
     p2, o2 = _restore(manager, manager.latest_step(), blank, _optimizer(cfg).init(blank))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from growth.inverse import GeneratorConfig
-from rtjax.inverse_model import _check_keys
+from rtjax.inverse_model import check_config_keys
 from rtjax.seg.model import UNetConfig
 from rtjax.seg.synth import RenderConfig
 
@@ -176,14 +176,14 @@ def _tuples(data: dict) -> dict:
 def config_from_dict(data: dict) -> SegConfig:
     """Build a `SegConfig` from a mapping; unknown keys are errors."""
     data = dict(data or {})
-    _check_keys(SegConfig, data, "config")
+    check_config_keys(SegConfig, data, "config")
     bank = dict(data.get("bank") or {})
-    _check_keys(BankConfig, bank, "config.bank")
+    check_config_keys(BankConfig, bank, "config.bank")
     bank["generator"] = GeneratorConfig.from_dict(dict(bank.get("generator") or {}))
     sections = {}
     for name, cls in (("train", TrainConfig), ("data", DataConfig), ("infer", InferConfig)):
         values = dict(data.get(name) or {})
-        _check_keys(cls, values, f"config.{name}")
+        check_config_keys(cls, values, f"config.{name}")
         sections[name] = cls(**_tuples(values))
     return SegConfig(
         version=str(data.get("version", "dev")),

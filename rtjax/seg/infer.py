@@ -117,7 +117,7 @@ def _load_weights_cached(path: Path) -> SegWeights:
     import yaml
     from flax import nnx
 
-    from rtjax.inverse_model import _single_device
+    from rtjax.inverse_model import to_single_device
     from rtjax.seg.config import config_from_dict
     from rtjax.seg.model import create_ensemble
 
@@ -129,7 +129,7 @@ def _load_weights_cached(path: Path) -> SegWeights:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="float32"))
     abstract = nnx.eval_shape(lambda: create_ensemble(config.model, config.train.members))
     graphdef, state = nnx.split(abstract)
-    target = _single_device(nnx.to_pure_dict(state))
+    target = to_single_device(nnx.to_pure_dict(state))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(path / "params", target)
     nnx.replace_by_pure_dict(state, restored)

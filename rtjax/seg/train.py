@@ -242,12 +242,12 @@ def _restore(manager, step: int, params, opt_state):
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from rtjax.inverse_model import _single_device
+    from rtjax.inverse_model import to_single_device
 
     leaves, treedef = jax.tree.flatten(opt_state)
-    target_opt = _single_device({f"{i:05d}": leaf for i, leaf in enumerate(leaves)})
+    target_opt = to_single_device({f"{i:05d}": leaf for i, leaf in enumerate(leaves)})
     restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_single_device(nnx.to_pure_dict(params))),
+        params=ocp.args.StandardRestore(to_single_device(nnx.to_pure_dict(params))),
         opt=ocp.args.StandardRestore(target_opt),
     ))
     nnx.replace_by_pure_dict(params, restored["params"])
@@ -281,13 +281,13 @@ def train_stage(
     import jax
     import jax.numpy as jnp
 
-    from rtjax.inverse_model import _checkpoint_manager
+    from rtjax.inverse_model import checkpoint_manager
 
     tr = cfg.train
     tx = _optimizer(cfg)
     params = jax.tree.map(jnp.array, params)  # a private copy: stages never share buffers
     opt_state = tx.init(params)
-    manager = _checkpoint_manager(workdir / "checkpoints" / name, tr)
+    manager = checkpoint_manager(workdir / "checkpoints" / name, tr)
     start = 0
     latest = manager.latest_step()
     if latest is not None:
@@ -392,7 +392,7 @@ def export_weights(params, config: SegConfig, metrics: dict, out_dir) -> Path:
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from rtjax.inverse_model import _write_yaml
+    from rtjax.inverse_model import write_yaml
     from rtjax.provenance import write_json_atomic
 
     out_dir = Path(out_dir).resolve()
@@ -401,7 +401,7 @@ def export_weights(params, config: SegConfig, metrics: dict, out_dir) -> Path:
     out_dir.mkdir(parents=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out_dir / "params", nnx.to_pure_dict(params))
-    _write_yaml(out_dir / "config.yaml", config_to_dict(config))
+    write_yaml(out_dir / "config.yaml", config_to_dict(config))
     write_json_atomic(out_dir / "metrics.json", metrics)
     (out_dir / "MODEL_CARD.md").write_text(model_card(config, metrics))
     return out_dir
@@ -472,7 +472,7 @@ def train_and_evaluate(
     """
     import jax
 
-    from rtjax.inverse_model import _write_yaml
+    from rtjax.inverse_model import write_yaml
     from rtjax.provenance import run_metadata, write_json_atomic
     from rtjax.seg.data import find_real_cases, load_real_case, resolve_data_root
     from rtjax.seg.infer import weights_from_model
@@ -487,7 +487,7 @@ def train_and_evaluate(
     budget = max_seconds if max_seconds is not None else tr.max_seconds
     t_run = time.perf_counter()
     ends = None if budget is None else list(t_run + budget * np.cumsum(tr.stage_fractions))
-    _write_yaml(workdir / "config.yaml", {**config_to_dict(config), "run": run_metadata()})
+    write_yaml(workdir / "config.yaml", {**config_to_dict(config), "run": run_metadata()})
     timing: dict[str, float] = {}
 
     # real cases load in a thread while the bank is simulated (file reads release the GIL)
