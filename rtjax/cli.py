@@ -238,12 +238,12 @@ def demo(
 
 @app.command()
 def tissue(
-    case_dir: Annotated[Path, typer.Argument(help="Case folder: t1 or t1c [seg, brain_mask], or its own wm, gm [csf].")],
+    case_dir: Annotated[Path, typer.Argument(help="Case folder: t1 or t1c (else only brain_mask: registered by its outline) [seg, brain_mask], or its own wm, gm [csf].")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     deformable: Annotated[bool, typer.Option("--deformable/--affine-only", help="Atlas registration: affine then SyN, or affine only.")] = True,
 ) -> None:
     """Tissue maps of a case: its own wm/gm/csf, or the MNI152 atlas registered to its T1
-    (else T1c) with ANTs, the tumour (seg) masked out of the cost; writes wm, gm, csf,
+    (else T1c, else its brain_mask outline) with ANTs, the tumour (seg) masked out of the cost; writes wm, gm, csf,
     brain_mask (.nii.gz, input grid), tissue.png and tissue.json. A rerun reuses them."""
     from rtjax.anatomy import case_tissue
     from rtjax.errors import InputError

@@ -130,7 +130,8 @@ def fit_case(
         masks: the observed necrosis / enhancing / edema.
         wm, gm: tissue probabilities on the same grid.
         initial: "network" (the shipped inverse model, or `weights`), "heuristic" (from
-            the masks alone), or a `growth.fit.FitEstimate` on the working grid.
+            the masks alone; refined without the prior term), or a `growth.fit.FitEstimate`
+            on the working grid.
         assumed_days: only Dw*T and rho*T are identifiable; Dw and rho are also reported
             for this T (days).
     """
@@ -174,6 +175,8 @@ def fit_case(
             initial, network = network_estimate(core, edema, wm, gm, spacing, box, factors, weights)
         elif initial == "heuristic":
             initial = heuristic_estimate(work["core"] > 0.5, work["edema"] > 0.5, work_spacing)
+            # the prior is for a calibrated (network) estimate, not for this rough guess
+            config = dataclasses.replace(config, prior_weight=0.0)
         else:
             raise ValueError(f"initial must be 'network', 'heuristic' or a FitEstimate, not {initial!r}")
     bar = _progress_bar(config, progress)
@@ -231,6 +234,7 @@ def fit_case(
         "dice_core_working_grid": result.dice_core,
         "dice_edema_working_grid": result.dice_edema,
         "working_spacing_mm": list(work_spacing),
+        "working_shape": list(grid.shape),
         "fit_box": [[s.start, s.stop] for s in box],
         "lesion_voxels_filled_with_tissue": filled,
         "density_at_box_edge": edge,
@@ -274,17 +278,25 @@ _CASE_KINDS = {"wm": "probability", "gm": "probability", "brain_mask": "mask",
 
 
 def load_segmented_case(
-    case_dir, *, labels: str, ignore_labels=(), overrides=None, extras=tuple(_CASE_KINDS)
+    case_dir, *, labels: str, ignore_labels=(), overrides=None, extras=tuple(_CASE_KINDS),
+    atlas_tissue_dirs=(), segment_missing: bool = False, seg_weights=None,
 ):
     """Load a case folder that has `seg`, `wm` and `gm` (and those of `extras` among
     brain_mask, recurrence, t1c, flair that it has), all validated on one grid. An `edema` override gives the edema as a
     separate mask (TUM/Lipkova data), a bare file name being taken in the case folder.
+    A case with neither `wm` nor `gm` gets the MNI152 atlas registered to it
+    (`rtjax.anatomy.case_tissue`, written to `atlas_tissue_dirs[0]`, reused from any of
+    them), with a warning and `files["tissue"]` naming its tissue.json.
+    A case without `seg` is segmented from its `t1c` and `flair` by the segmentation
+    network (`rtjax.seg.infer.segment_case`, `seg_weights` or the shipped ones) when
+    `segment_missing` is set, with a warning; its masks are then on the T1c grid and
+    `files["seg"]` reads "rtjax.seg <weights version>".
 
     Returns (files, convention, masks, images), images keyed by name with "seg" the
     reference grid.
 
     Raises:
-        InputError: a missing `seg` or tissue map (those stages are not available yet),
+        InputError: a missing `seg`, a missing tissue map without `atlas_tissue_dirs`,
             unknown labels, or images on different grids, naming the file or folder.
     """
     from pathlib import Path
@@ -296,17 +308,24 @@ def load_segmented_case(
     overrides = dict(overrides or {})
     edema_path = overrides.pop("edema", None)
     files = find_case_files(case_dir, overrides=overrides)
-    if "seg" not in files:
+    segment = "seg" not in files
+    if segment and not (segment_missing and {"t1c", "flair"} <= set(files)):
+        need = "" if not segment_missing else ", or t1c and flair to segment"
         raise InputError(case_dir, "no tumour segmentation 'seg' (seg.nii[.gz], *_seg or "
-                         "*-seg): automatic segmentation (issue 4) is not available yet; "
-                         "provide seg.nii.gz")
+                         f"*-seg){need}; found {sorted(files) or 'no images'}")
     missing = [n for n in ("wm", "gm") if n not in files]
-    if missing:
+    if len(missing) == 1 or (missing and not atlas_tissue_dirs):
         names = " and ".join(f"{n}.nii.gz" for n in missing)
-        raise InputError(case_dir, f"no tissue map(s) {missing}: atlas tissue registration "
-                         f"(issue 7) is not available yet; provide {names}")
+        atlas = ", or neither for the MNI152 atlas registered to the case" if atlas_tissue_dirs else ""
+        raise InputError(case_dir, f"no tissue map(s) {missing}: give both wm and gm{atlas}; "
+                         f"provide {names}")
     convention = get_convention(labels)
-    masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
+    if segment:
+        masks, reference, files["seg"] = _segment_case(case_dir, overrides, seg_weights)
+        if convention.name not in ("brats2021", "brats2023"):
+            convention = get_convention("brats2021")
+    else:
+        masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
     images = {"seg": reference}
     wanted = {"wm", "gm", *extras}
     images.update({n: load_image(files[n], kind=k) for n, k in _CASE_KINDS.items()
@@ -319,8 +338,32 @@ def load_segmented_case(
         files["edema"] = edema_path
         masks = TumourMasks(necrosis=masks.necrosis, enhancing=masks.enhancing,
                             edema=images["edema"].data & ~masks.core)
+    if missing:
+        from rtjax.anatomy import case_tissue
+
+        tissue = case_tissue(case_dir, atlas_tissue_dirs[0], lesion=masks.whole,
+                             overrides=overrides, reuse_dirs=atlas_tissue_dirs[1:])
+        files["tissue"] = Path(Path(atlas_tissue_dirs[0]).name, "tissue.json")
+        warnings.warn(f"{case_dir}: no wm/gm maps; using the MNI152 atlas registered to the "
+                      f"case ({tissue.info['method']}), see {files['tissue']}", stacklevel=2)
+        images.update(wm=tissue.wm, gm=tissue.gm)
     check_same_grid(images)
     return files, convention, masks, images
+
+
+def _segment_case(case_dir, overrides, weights):
+    """(masks, T1c image, description) from the segmentation network, with a warning."""
+    from rtjax.labels import get_convention, split_labels
+    from rtjax.seg.infer import load_weights, segment_case
+
+    seg_weights = load_weights(weights)
+    convention = get_convention("brats2021")
+    label_array, _, reference = segment_case(case_dir, weights=seg_weights, labels=convention.name,
+                                             overrides=overrides)
+    source = f"rtjax.seg {seg_weights.version}"
+    warnings.warn(f"{case_dir}: no seg; segmented from t1c and flair by {source} "
+                  "(check the masks in segmentation.nii.gz)", stacklevel=3)
+    return split_labels(label_array, convention), reference, source
 
 
 def fit_case_dir(
@@ -345,7 +388,8 @@ def fit_case_dir(
     from rtjax.provenance import run_metadata, write_json_atomic
 
     files, convention, masks, images = load_segmented_case(
-        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides, extras=())
+        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides, extras=(),
+        atlas_tissue_dirs=(Path(out_dir) / "tissue",), segment_missing=True)
     reference = images["seg"]
     if masks.is_empty():
         raise InputError(files["seg"], "empty tumour: no core and no edema voxels to fit")

@@ -22,9 +22,11 @@ renamed to ``out_dir`` only when complete (``done.json`` included). An interrupt
 leaves at most a ``.partial`` folder, which the next run deletes; a folder without
 ``done.json`` is never trusted.
 
-Missing stages: automatic segmentation (issue 4) and atlas tissue maps (issue 7) are not
-available yet; a case without ``seg`` or without ``wm``/``gm`` is refused with an
-:class:`~rtjax.errors.InputError` saying which file to provide.
+Missing inputs: a case without ``seg`` is segmented from its ``t1c`` and ``flair`` by the
+shipped network (:func:`rtjax.seg.infer.segment_case`; its masks are written as
+``segmentation.nii.gz``). A case without ``wm`` and ``gm`` gets the MNI152 atlas registered
+to its t1/t1c (else to its brain_mask outline) (:func:`rtjax.anatomy.case_tissue`), written to ``tissue/`` and reused by a
+rerun. Both say so in a warning and in ``params.json`` (``inputs``).
 
 :func:`run_cohort` runs every case folder of a cohort, resumable and shardable; its state
 lives on disk (``<case>/done.json`` for finished cases, ``<case>.error.json`` for cases that
@@ -70,7 +72,7 @@ RUN_OPTIONS: dict[str, Any] = {
     "ignore_labels": [],
     "margin_mm": 15.0,
     "start": "network",
-    "iterations": 120,
+    "iterations": 150,
 }
 
 DONE = "done.json"
@@ -149,11 +151,12 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- one case
 
 
-def _load_inputs(case_dir: Path, labels, ignore_labels, overrides):
+def _load_inputs(case_dir: Path, labels, ignore_labels, overrides, atlas_tissue_dirs=()):
     from rtjax.fit import load_segmented_case
 
     files, convention, masks, images = load_segmented_case(
-        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides)
+        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides,
+        atlas_tissue_dirs=atlas_tissue_dirs, segment_missing=True)
     if not masks.core.any():
         raise InputError(files["seg"], "no tumour core (necrosis or enhancing voxels): the "
                          "standard CTV grows from the core")
@@ -203,7 +206,7 @@ def run_case(
     margin_mm: float = 15.0,
     overrides: Mapping[str, Any] | None = None,
     initial: str = "network",
-    fit_iterations: int = 120,
+    fit_iterations: int = 150,
     weights=None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -239,11 +242,13 @@ def run_case(
 
     case_dir, out_dir = Path(case_dir), Path(out_dir)
     case_id = case_dir.name
-    files, convention, masks, images = _load_inputs(case_dir, labels, ignore_labels, overrides)
-    reference = images["seg"]
-    spacing, vox_ml = reference.spacing, reference.voxel_volume_ml
     partial = _prepare_out(out_dir)
     try:
+        files, convention, masks, images = _load_inputs(
+            case_dir, labels, ignore_labels, overrides,
+            atlas_tissue_dirs=(partial / "tissue", out_dir / "tissue"))
+        reference = images["seg"]
+        spacing, vox_ml = reference.spacing, reference.voxel_volume_ml
         fit = fit_case(masks, images["wm"].data, images["gm"].data, spacing, initial=initial,
                        weights=weights, config=FitConfig(max_iterations=int(fit_iterations)),
                        progress=progress)
@@ -340,7 +345,7 @@ def save_case_report(
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from rtjax.study import _save_figure
+    from rtjax.study import save_figure
 
     i, j, k = (int(round(v)) for v in np.argwhere(core).mean(axis=0))
     views = [("axial", lambda a: a[:, :, k].T), ("coronal", lambda a: a[:, j, :].T),
@@ -366,7 +371,7 @@ def save_case_report(
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- cohort

@@ -150,11 +150,11 @@ def test_run_case_network_start_and_missing_stages(cohort, tmp_path):
     assert params["fit"]["network"]["weights_version"]
     assert summary["coverage"]["standard_coverage"] == 1.0
     assert summary["model_volume_ml"] == pytest.approx(summary["standard_volume_ml"], rel=0.01)
-    with pytest.raises(InputError, match=r"broken_missing_gm.*issue 7.*gm\.nii\.gz"):
+    with pytest.raises(InputError, match=r"broken_missing_gm.*give both wm and gm.*gm\.nii\.gz"):
         run_case(root / "in" / "broken_missing_gm", tmp_path / "x", **FAST)
     no_seg = tmp_path / "no_seg"
     _write(no_seg, {"wm": np.ones(SHAPE, np.float32)}, RAS)
-    with pytest.raises(InputError, match=r"no_seg.*issue 4.*seg\.nii\.gz"):
+    with pytest.raises(InputError, match=r"no_seg.*no tumour segmentation.*t1c and flair to segment"):
         run_case(no_seg, tmp_path / "y", **FAST)
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
     # An existing folder that is not an rtjax output is never replaced.
@@ -170,7 +170,7 @@ def test_cohort_reports_broken_cases_and_finishes_the_others(cohort):
     assert result.processed == GOOD and result.skipped == []
     assert sorted(c for c, _ in result.failed) == BROKEN
     errors = dict(result.failed)
-    assert "gm" in errors["broken_missing_gm"] and "issue 7" in errors["broken_missing_gm"]
+    assert "gm" in errors["broken_missing_gm"] and "give both wm and gm" in errors["broken_missing_gm"]
     assert "affine differs" in errors["broken_grid"]
     assert "empty tumour" in errors["broken_empty"] and "seg.nii.gz" in errors["broken_empty"]
     rows = _rows(out / "summary.csv")
