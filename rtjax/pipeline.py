@@ -43,7 +43,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -399,19 +398,6 @@ class CohortSummary:
     files: list[Path] = field(default_factory=list)
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _case_row(case: str, out_dir: Path) -> dict[str, Any]:
     """The summary row of one case from its markers on disk."""
     done = out_dir / case / DONE
@@ -461,7 +447,7 @@ def run_cohort(
     """
     from tqdm import tqdm
 
-    from rtjax.provenance import run_metadata, write_json_atomic
+    from rtjax.provenance import run_metadata, write_json_atomic, write_text_atomic
     from rtjax.study import CaseCoverage, paired_test, plot_cohort, write_cohort_csv
 
     if int(jobs) != 1:
@@ -503,7 +489,7 @@ def run_cohort(
         result.processed.append(case)
     bar.close()
     result.rows = [_case_row(case, out_dir) for case in cases]
-    result.files.append(_write_text_atomic(out_dir / "summary.csv", _summary_csv(result.rows)))
+    result.files.append(write_text_atomic(out_dir / "summary.csv", _summary_csv(result.rows)))
     studied = []
     for case in cases:
         done = out_dir / case / DONE

@@ -8,9 +8,9 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["run_metadata", "write_json_atomic"]
+__all__ = ["run_metadata", "atomic_write", "write_text_atomic", "write_json_atomic"]
 
 
 def _git_revision() -> str | None:
@@ -40,20 +40,36 @@ def run_metadata() -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write `data` as indented JSON via a temporary file and an atomic rename."""
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (hidden name ending in
+    ``suffix``), then rename it over ``path``; the temporary file never survives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=_to_builtin)
-            handle.write("\n")
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (newlines untranslated, flushed to disk) via :func:`atomic_write`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return atomic_write(path, write)
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write `data` as indented JSON via a temporary file and an atomic rename."""
+    return write_text_atomic(path, json.dumps(data, indent=2, default=_to_builtin) + "\n")
 
 
 def _to_builtin(value):

@@ -18,8 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,6 +31,7 @@ from rtjax.ctv import (
     margin_family,
     standard_ctv,
 )
+from rtjax.provenance import atomic_write, write_text_atomic
 
 __all__ = [
     "COVERAGE_LEVELS",
@@ -49,7 +48,6 @@ __all__ = [
     "plot_coverage_curves",
     "smallest_volume_for_coverage",
     "write_cohort_csv",
-    "atomic_write",
     "save_figure",
     "headless_pyplot",
 ]
@@ -293,31 +291,9 @@ def cohort_table(cases: Sequence[CaseCoverage]) -> str:
     return buffer.getvalue()
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def write_cohort_csv(path: str | Path, cases: Sequence[CaseCoverage]) -> Path:
     """Write :func:`cohort_table` to ``path`` atomically; returns the path."""
-    text = cohort_table(cases)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    return atomic_write(path, write, ".tmp")
+    return write_text_atomic(path, cohort_table(cases))
 
 
 @dataclass(frozen=True)
@@ -374,14 +350,15 @@ def paired_test(cases: Iterable[CaseCoverage]) -> PairedTest:
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Save a matplotlib figure atomically (PNG at the figure's dpi) and close it."""
+    """Save a matplotlib figure atomically at 110 dpi (format from the suffix, PNG by
+    default) and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     suffix = path.suffix or ".png"
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=suffix[1:]),
-                             suffix)
+                            suffix)
     finally:
         plt.close(fig)
 
