@@ -259,7 +259,7 @@ def sample_patient(rng: np.random.Generator, reference, candidates: np.ndarray,
 def grow_tumour(sim, box, reference, patient: dict) -> np.ndarray:
     """The patient's pre-operative density (X, Y, Z, float32): the simulator's Gaussian
     seed at the patient's origin grown for `days` (:func:`rtjax.demo.grow_density`, the
-    solve the recurrence reuses) on `sim` (:func:`rtjax.demo.make_simulator` on `box`)."""
+    solve the recurrence reuses) on `sim` (:func:`rtjax.simulate.box_simulator` on `box`)."""
     from rtjax.demo import grow_density
     from rtjax.simulate import resolve_origin
 
@@ -355,15 +355,15 @@ def generate_cohort(out_dir, n: int, anatomy: CohortAnatomy | Callable[[], Cohor
     """
     from tqdm import tqdm
 
-    from rtjax.demo import make_simulator
+    from rtjax.simulate import box_simulator
 
     out_dir = Path(out_dir)
     names = [_case_name(i) for i in range(int(n))]
     todo = [i for i, name in enumerate(names) if not _generated(out_dir, name)]
     if todo:
         anatomy = anatomy if isinstance(anatomy, CohortAnatomy) else anatomy()
-        sim, box = make_simulator(anatomy.tissue, dw_max=ranges.dw[1], t_max=ranges.t_max,
-                                  shape_tensor=anatomy.shape_tensor)
+        sim, box = box_simulator(anatomy.tissue, dw_max=ranges.dw[1], t_max=ranges.t_max,
+                                 shape_tensor=anatomy.shape_tensor)
         candidates = origin_candidates(anatomy, ranges)
         for i in tqdm(todo, desc="patients", unit="patient", disable=not progress):
             generate_patient(out_dir / "cases" / names[i], out_dir / "truth" / names[i],
@@ -542,27 +542,18 @@ def _csv_text(rows: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
-def _write_text(path: Path, text: str) -> Path:
-    from rtjax.study import atomic_write
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-
-    return atomic_write(path, write, ".tmp")
-
-
 def write_study_outputs(out_dir, evaluations: Sequence[PatientEvaluation], *,
                         title: str = "", settings: dict | None = None) -> dict[str, Path]:
     """Write the cohort table (one row per patient), the summary table, the tests (JSON)
     and the figure into `out_dir`; returns name -> path."""
-    from rtjax.provenance import run_metadata, write_json_atomic
+    from rtjax.provenance import run_metadata, write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
     rows = [e.row() for e in evaluations]
     tests = {name: cohort_tests(evaluations, key) for name, key in TESTED.items()}
     return {
-        "table": _write_text(out_dir / "cohort_study.csv", _csv_text(rows)),
-        "summary": _write_text(out_dir / "cohort_study_summary.csv", _csv_text(summary_rows(rows))),
+        "table": write_text_atomic(out_dir / "cohort_study.csv", _csv_text(rows)),
+        "summary": write_text_atomic(out_dir / "cohort_study_summary.csv", _csv_text(summary_rows(rows))),
         "statistics": write_json_atomic(out_dir / "cohort_study_statistics.json", {
             "test": "Wilcoxon signed-rank, two-sided, paired coverages at the 15 mm standard "
                     "CTV's volume (equal_volume) and at half of it (half_volume); "

@@ -25,7 +25,6 @@ import numpy as np
 __all__ = [
     "DEMO_PATIENT",
     "load_patient_config",
-    "make_simulator",
     "visible_tumour",
     "grow_density",
     "regrow",
@@ -64,28 +63,6 @@ def load_patient_config(path: str | Path) -> dict:
     return config
 
 
-def make_simulator(tissue, *, dw_max: float, t_max: float, shape_tensor=None):
-    """An FK simulator on the bounding box of the tissue (exact: no density reaches voxels
-    without tissue), built for Dw up to `dw_max` (mm^2/day) and times up to `t_max` (days):
-    isotropic, or anisotropic along `shape_tensor` (a `rtjax.simulate.ShapeTensor` on the
-    tissue grid). Building it once and calling it with new parameters never recompiles.
-
-    Returns (sim, box): the simulator on the cropped grid and the box's slices.
-    """
-    from growth import FKSimulator, Grid
-    from growth.anisotropic import AnisotropicFKSimulator
-    from rtjax.io import bounding_box
-
-    wm, gm = tissue.wm.data, tissue.gm.data
-    box = bounding_box(wm + gm > 0, pad=1)
-    grid = Grid(tuple(s.stop - s.start for s in box), tissue.reference.spacing)
-    if shape_tensor is None:
-        return FKSimulator.create(wm[box], gm[box], grid, dw_max=dw_max, t_max=t_max), box
-    tensor = shape_tensor.components[(slice(None), *box)]
-    return AnisotropicFKSimulator.create(wm[box], gm[box], tensor, grid, dw_max=dw_max,
-                                         t_max=t_max), box
-
-
 def visible_tumour(density: np.ndarray, patient: dict):
     """The imaging model's segmentation of a density (X, Y, Z) in [0, 1]: core where
     c >= u_t1 (necrosis where c >= u_necrosis, enhancing elsewhere), edema where
@@ -100,7 +77,7 @@ def visible_tumour(density: np.ndarray, patient: dict):
 
 def grow_density(sim, box, initial: np.ndarray, patient: dict, days: float) -> np.ndarray:
     """Grow a full-grid density `initial` (X, Y, Z) in [0, 1] for `days` days with the
-    patient's dw, rho and ratio on `sim` (from `make_simulator` on `box`, built for at
+    patient's dw, rho and ratio on `sim` (`rtjax.simulate.box_simulator` on `box`, built for at
     least `days`); returns the full-grid density, float32. Calls with new values reuse one
     compiled solve."""
     import jax.numpy as jnp
@@ -175,7 +152,7 @@ def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool
     from rtjax.pipeline import run_case
     from rtjax.provenance import write_json_atomic
     from rtjax.seg.synth import render_case
-    from rtjax.simulate import load_tissue, simulate_density
+    from rtjax.simulate import box_simulator, load_tissue, simulate_density
 
     patient = {**DEMO_PATIENT, **(patient or {})}
     out_dir = Path(out_dir)
@@ -187,7 +164,7 @@ def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool
     )
     density = truth.density
     masks = visible_tumour(density, patient)
-    sim, box = make_simulator(tissue, dw_max=patient["dw"], t_max=patient["recurrence_days"])
+    sim, box = box_simulator(tissue, dw_max=patient["dw"], t_max=patient["recurrence_days"])
     recurrence = simulate_recurrence(sim, box, density, masks.core, patient)
     t1c, flair = render_case(density, tissue.wm.data, tissue.gm.data, ref.spacing, seed=0,
                              thresholds=(patient["u_fl"], patient["u_t1"], patient["u_necrosis"]))

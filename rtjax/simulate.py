@@ -19,6 +19,7 @@ __all__ = [
     "SimulationResult",
     "ShapeTensor",
     "load_shape_tensor",
+    "box_simulator",
     "simulate_density",
     "simulate_to_file",
 ]
@@ -174,6 +175,30 @@ def load_shape_tensor(
     )
 
 
+def box_simulator(tissue: Tissue, *, dw_max: float, t_max: float,
+                  shape_tensor: ShapeTensor | None = None, seed=None, progress: bool = False):
+    """An FK simulator on the bounding box of the tissue (exact: no density reaches voxels
+    without tissue), built for Dw up to `dw_max` (mm^2/day) and times up to `t_max` (days):
+    isotropic, or anisotropic along `shape_tensor` (on the tissue grid). `seed`: a
+    `growth.GaussianSeed` (default: the simulator's). Building it once and calling it with
+    new parameters never recompiles.
+
+    Returns (sim, box): the simulator on the cropped grid and the box's slices.
+    """
+    from growth import FKSimulator, Grid
+    from growth.anisotropic import AnisotropicFKSimulator
+
+    wm, gm = tissue.wm.data, tissue.gm.data
+    box = bounding_box(wm + gm > 0, pad=1)
+    grid = Grid(tuple(s.stop - s.start for s in box), tissue.reference.spacing)
+    options = dict(dw_max=dw_max, t_max=t_max, progress=progress,
+                   **({} if seed is None else {"seed": seed}))
+    if shape_tensor is None:
+        return FKSimulator.create(wm[box], gm[box], grid, **options), box
+    tensor = shape_tensor.components[(slice(None), *box)]
+    return AnisotropicFKSimulator.create(wm[box], gm[box], tensor, grid, **options), box
+
+
 def simulate_density(
     tissue: Tissue,
     *,
@@ -203,8 +228,7 @@ def simulate_density(
     """
     import jax.numpy as jnp
 
-    from growth import FKParams, FKSimulator, GaussianSeed, Grid
-    from growth.anisotropic import AnisotropicFKSimulator
+    from growth import FKParams, GaussianSeed
 
     for name, value, low in (("dw", dw, 0.0), ("rho", rho, 0.0), ("days", days, 0.0)):
         if not np.isfinite(value) or value < low:
@@ -220,18 +244,11 @@ def simulate_density(
             f"the seed origin (canonical voxel {list(nearest)}) lies outside tissue "
             "(wm + gm = 0 there: CSF or background); choose an origin in the brain"
         )
-    box = bounding_box(wm + gm > 0, pad=1)  # nothing grows outside the tissue
-    corner = np.array([s.start for s in box], float)
-    grid = Grid(tuple(s.stop - s.start for s in box), ref.spacing)
     seed = seed or GaussianSeed()
-    if shape_tensor is None:
-        sim = FKSimulator.create(wm[box], gm[box], grid, dw_max=dw, t_max=days,
-                                 seed=seed, progress=progress)
-    else:
-        sim = AnisotropicFKSimulator.create(
-            wm[box], gm[box], shape_tensor.components[(slice(None), *box)], grid,
-            dw_max=dw, t_max=days, seed=seed, progress=progress,
-        )
+    sim, box = box_simulator(tissue, dw_max=dw, t_max=days, shape_tensor=shape_tensor,
+                             seed=seed, progress=progress)
+    corner = np.array([s.start for s in box], float)
+    grid = sim.grid
     start = time.perf_counter()
     origin_grid_mm = (index - corner) * np.asarray(grid.spacing)
     cropped = sim(FKParams(dw, rho, ratio), jnp.asarray(origin_grid_mm), days)
