@@ -143,8 +143,8 @@ def run(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """The whole pipeline for one case: segmentation (if no seg), atlas tissue (if no wm/gm),
-    fit, density, standard and iso-volumetric model CTVs, recurrence coverage when a recurrence is given, and a report figure, all on
-    the input grid."""
+    fit, density, standard and iso-volumetric model CTVs, recurrence coverage when a
+    recurrence is given, and a report figure, all on the input grid."""
     from rtjax.errors import InputError
     from rtjax.pipeline import run_case
 
@@ -243,8 +243,9 @@ def tissue(
     deformable: Annotated[bool, typer.Option("--deformable/--affine-only", help="Atlas registration: affine then SyN, or affine only.")] = True,
 ) -> None:
     """Tissue maps of a case: its own wm/gm/csf, or the MNI152 atlas registered to its T1
-    (else T1c, else its brain_mask outline) with ANTs, the tumour (seg) masked out of the cost; writes wm, gm, csf,
-    brain_mask (.nii.gz, input grid), tissue.png and tissue.json. A rerun reuses them."""
+    (else T1c, else its brain_mask outline) with ANTs, the tumour (seg) masked out of the
+    cost; writes wm, gm, csf, brain_mask (.nii.gz, input grid), tissue.png and tissue.json.
+    A rerun reuses them."""
     from rtjax.anatomy import case_tissue
     from rtjax.errors import InputError
 

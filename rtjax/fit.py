@@ -279,7 +279,7 @@ _CASE_KINDS = {"wm": "probability", "gm": "probability", "brain_mask": "mask",
 
 def load_segmented_case(
     case_dir, *, labels: str, ignore_labels=(), overrides=None, extras=tuple(_CASE_KINDS),
-    atlas_tissue_dirs=(), segment_missing: bool = False, seg_weights=None,
+    atlas_tissue_dirs=(), segment_missing: bool = False,
 ):
     """Load a case folder that has `seg`, `wm` and `gm` (and those of `extras` among
     brain_mask, recurrence, t1c, flair that it has), all validated on one grid. An `edema` override gives the edema as a
@@ -288,9 +288,9 @@ def load_segmented_case(
     (`rtjax.anatomy.case_tissue`, written to `atlas_tissue_dirs[0]`, reused from any of
     them), with a warning and `files["tissue"]` naming its tissue.json.
     A case without `seg` is segmented from its `t1c` and `flair` by the segmentation
-    network (`rtjax.seg.infer.segment_case`, `seg_weights` or the shipped ones) when
-    `segment_missing` is set, with a warning; its masks are then on the T1c grid and
-    `files["seg"]` reads "rtjax.seg <weights version>".
+    network (`rtjax.seg.infer.segment_case`, the shipped weights) when `segment_missing`
+    is set, with a warning; its masks are then on the T1c grid (the T1c, loaded once,
+    is also `images["t1c"]`) and `files["seg"]` reads "rtjax.seg <weights version>".
 
     Returns (files, convention, masks, images), images keyed by name with "seg" the
     reference grid.
@@ -321,15 +321,16 @@ def load_segmented_case(
                          f"provide {names}")
     convention = get_convention(labels)
     if segment:
-        masks, reference, files["seg"] = _segment_case(case_dir, overrides, seg_weights)
+        masks, reference, files["seg"] = _segment_case(case_dir, overrides)
         if convention.name not in ("brats2021", "brats2023"):
             convention = get_convention("brats2021")
+        images = {"seg": reference, "t1c": reference}
     else:
         masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
-    images = {"seg": reference}
+        images = {"seg": reference}
     wanted = {"wm", "gm", *extras}
     images.update({n: load_image(files[n], kind=k) for n, k in _CASE_KINDS.items()
-                   if n in files and n in wanted})
+                   if n in files and n in wanted and n not in images})
     if edema_path is not None:
         edema_path = Path(edema_path)
         if not edema_path.is_absolute() and edema_path.parent == Path("."):
@@ -351,12 +352,12 @@ def load_segmented_case(
     return files, convention, masks, images
 
 
-def _segment_case(case_dir, overrides, weights):
-    """(masks, T1c image, description) from the segmentation network, with a warning."""
+def _segment_case(case_dir, overrides):
+    """(masks, T1c image, description) from the shipped segmentation network, with a warning."""
     from rtjax.labels import get_convention, split_labels
     from rtjax.seg.infer import load_weights, segment_case
 
-    seg_weights = load_weights(weights)
+    seg_weights = load_weights()
     convention = get_convention("brats2021")
     label_array, _, reference = segment_case(case_dir, weights=seg_weights, labels=convention.name,
                                              overrides=overrides)
