@@ -56,8 +56,8 @@ from typing import Any
 import numpy as np
 
 from rtjax.errors import InputError
-from rtjax.io import Image, load_case, load_image, save_image
-from rtjax.provenance import run_metadata, write_json_atomic
+from rtjax.io import Image, check_same_grid, load_case, load_image, save_image
+from rtjax.provenance import atomic_write, run_metadata, write_json_atomic
 
 __all__ = [
     "FOREGROUND_FLOOR",
@@ -250,7 +250,6 @@ def register_atlas(
 
     atlas = load_mni152() if atlas is None else atlas
     start = time.perf_counter()
-    grid = to_ants(target.data, target.affine)
     if outline:
         fixed = outline_intensity(target.data, target.spacing)
         brain = atlas["brain"]
@@ -261,7 +260,8 @@ def register_atlas(
         fixed = registration_intensity(target.data)
         moving, moving_affine = registration_intensity(atlas["t1"].data), atlas["t1"].affine
         metric = ("mattes", "Mattes mutual information")
-    fixed_low = _resample(to_ants(fixed, target.affine), resolution_mm)
+    grid = to_ants(fixed, target.affine)  # the target's own grid, where the maps land
+    fixed_low = _resample(grid, resolution_mm)
     moving_low = _resample(to_ants(moving, moving_affine), resolution_mm)
     mask = None
     if cost_mask is not None:
@@ -388,21 +388,16 @@ def _cached(folder: Path, key: dict, reference: Image) -> CaseTissue | None:
     try:
         maps = {n: load_image(folder / f"{n}.nii.gz", kind="probability") for n in ("wm", "gm", "csf")}
         brain = load_image(folder / "brain_mask.nii.gz", kind="mask")
+        check_same_grid({"reference": reference, **maps, "brain": brain})
     except InputError:
-        return None
-    if any(not np.allclose(m.affine, reference.affine, atol=1e-3) or m.shape != reference.shape
-           for m in (*maps.values(), brain)):
         return None
     return CaseTissue(**maps, brain=brain, info=info)
 
 
 def _copy_cache(source: Path, dest: Path) -> None:
     """Copy a cached result into ``dest``, tissue.json (the completion marker) last."""
-    dest.mkdir(parents=True, exist_ok=True)
     for name in (*_OUTPUTS, "tissue.json"):
-        tmp = dest / f".{name}.copy"
-        shutil.copy2(source / name, tmp)
-        tmp.replace(dest / name)
+        atomic_write(dest / name, lambda tmp, name=name: shutil.copy2(source / name, tmp))
 
 
 def _lesion_of(images: Mapping[str, Image], lesion: np.ndarray | None) -> tuple[np.ndarray | None, str]:
@@ -417,11 +412,11 @@ def _lesion_of(images: Mapping[str, Image], lesion: np.ndarray | None) -> tuple[
 def tumour_cost_mask(lesion: np.ndarray, spacing) -> np.ndarray:
     """Where the registration cost is evaluated: voxels farther than LESION_MARGIN_MM from
     the boolean ``lesion`` (canonical (X, Y, Z); ``spacing`` in mm per axis)."""
-    from scipy.ndimage import distance_transform_edt
+    from rtjax.ctv import euclidean_distance
 
     if not lesion.any():
         return np.ones(lesion.shape, bool)
-    return distance_transform_edt(~lesion, sampling=spacing) > LESION_MARGIN_MM
+    return euclidean_distance(lesion, spacing, max_distance_mm=LESION_MARGIN_MM) > LESION_MARGIN_MM
 
 
 def _versions() -> dict[str, str]:
@@ -582,12 +577,9 @@ def save_tissue_figure(
 ) -> Path:
     """Axial, coronal and sagittal slices (canonical RAS arrays) through the brain's centre:
     the background in grey with wm (red), gm (green), csf (blue) overlaid; PNG, atomic."""
-    import matplotlib
+    from rtjax.study import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
+    plt = headless_pyplot()
     total = wm + gm + csf
     centre = np.round(np.argwhere(total > 0).mean(axis=0)).astype(int) if total.any() else \
         np.asarray(total.shape) // 2
@@ -601,9 +593,8 @@ def save_tissue_figure(
         ax.set_axis_off()
         ax.set_title(("axial", "coronal", "sagittal")[2 - axis])
     fig.suptitle(f"{title} (red wm, green gm, blue csf)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, bbox_inches="tight",
+                                                          format="png"), ".png")
+    finally:
+        plt.close(fig)

@@ -14,7 +14,6 @@ prints the comparison (volumes in mL, coverages in %).
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 from rtjax.io import load_image
@@ -24,19 +23,10 @@ from rtjax.provenance import run_metadata, write_json_atomic
 from rtjax.study import coverage
 
 CASE = "gliodil-patient001"
-#: Canonical case file -> the file in the data folder.
-LINKS = {"seg": "segm.nii.gz", "brain_mask": "brainMask.nii.gz", "recurrence": "segm_rec.nii.gz"}
+#: Canonical case file -> the file in the data folder (none of its names is canonical).
+FILES = {"seg": "segm.nii.gz", "brain_mask": "brainMask.nii.gz", "recurrence": "segm_rec.nii.gz"}
 #: The authors' figures from the data README: recurrence coverage (%) of their CTVs.
 AUTHORS_COVERAGE = {"standard": 100.0, "model": 99.2}
-
-
-def case_folder(source: Path, parent: Path) -> Path:
-    """A case folder under ``parent`` with canonical names linked to the data files."""
-    folder = parent / CASE
-    folder.mkdir()
-    for name, file in LINKS.items():
-        (folder / f"{name}.nii.gz").symlink_to((source / file).resolve())
-    return folder
 
 
 def compare(source: Path, out_dir: Path, summary: dict) -> dict:
@@ -51,7 +41,7 @@ def compare(source: Path, out_dir: Path, summary: dict) -> dict:
         "authors_standard": mask(source / "standardPlan.nii.gz"),
         "authors_model": mask(source / "recurrencePrediction.nii.gz"),
     }
-    ours = json.loads((out_dir / "coverage.json").read_text())
+    ours = summary["coverage"]  # the content of coverage.json
     return {
         "case": CASE,
         "dice_standard_ours_vs_authors": dice(ctv["ours_standard"].data, ctv["authors_standard"].data),
@@ -96,9 +86,8 @@ if __name__ == "__main__":
 
         args.data = data_root()
     source = args.data / CASE
-    with tempfile.TemporaryDirectory(prefix="rtjax_gliodil_") as tmp:
-        summary = run_case(case_folder(source, Path(tmp)), args.out_dir, labels="gliodil",
-                           ignore_labels=(2,), margin_mm=15.0)
+    summary = run_case(source, args.out_dir, labels="gliodil", ignore_labels=(2,),
+                       margin_mm=15.0, overrides=FILES)
     result = compare(source, args.out_dir, summary)
     write_json_atomic(args.out_dir / "gliodil_comparison.json", {**result, **run_metadata()})
     print(format_comparison(result))

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from rtjax.anatomy import (
     FOREGROUND_FLOOR,
+    ants_affine_to_ras,
     case_tissue,
     from_ants,
     load_mni152,
@@ -92,6 +93,24 @@ def test_ants_conversion_round_trips_and_matches_ants_reader(name, tmp_path):
                                ras * [-1, -1, 1], atol=1e-4)
 
 
+def test_ants_affine_file_reads_back_as_the_ras_matrix_written(tmp_path):
+    """A RAS affine (shear, shift) written as an ANTs .mat with a non-zero centre reads
+    back as itself, and maps points as ANTs' own transform does (with x, y negated)."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    ras = _affine([[0.98, -0.12, 0.05], [0.14, 1.05, -0.08], [-0.03, 0.1, 0.93]], [4.0, -6.5, 2.25])
+    lps, centre = flip @ ras @ flip, np.array([12.0, -30.0, 18.0])
+    written = ants.create_ants_transform(
+        transform_type="AffineTransform", precision="double", dimension=3, matrix=lps[:3, :3],
+        translation=lps[:3, 3] - centre + lps[:3, :3] @ centre, center=centre)
+    path = tmp_path / "affine.mat"
+    ants.write_transform(written, str(path))
+    read = ants_affine_to_ras(path)
+    np.testing.assert_allclose(read, ras, atol=1e-5)
+    point = np.array([-20.0, 35.0, 10.0])
+    moved = ants.read_transform(str(path)).apply_to_point(tuple(point * [-1, -1, 1]))
+    np.testing.assert_allclose((read @ [*point, 1.0])[:3], np.multiply(moved, [-1, -1, 1]), atol=1e-4)
+
+
 def test_known_affine_is_recovered(small_atlas):
     """The atlas T1 on a rotated, shifted header: the registration finds that transform."""
     moved = _rotation(0, 6.0) @ _rotation(2, -4.0)
@@ -169,6 +188,19 @@ def test_given_tissue_maps_are_used_as_they_are(tmp_path):
         np.testing.assert_allclose(written.affine, AFFINE)
         np.testing.assert_array_equal(tissue.wm.from_canonical(getattr(tissue, name).data), maps[..., k])
     assert tissue.info["source"] == "case" and tissue.info["renormalised_voxels"] == 0
+
+
+def test_a_result_in_a_reuse_dir_is_copied_not_recomputed(tmp_path):
+    _own_maps_case(tmp_path / "case")
+    first = case_tissue(tmp_path / "case", tmp_path / "first")
+    said = []
+    again = case_tissue(tmp_path / "case", tmp_path / "second", reuse_dirs=(tmp_path / "first",),
+                        log=said.append)
+    assert said[-1] == f"reusing the tissue maps in {tmp_path / 'first'}"
+    assert again.info == first.info
+    for name in ("wm.nii.gz", "gm.nii.gz", "csf.nii.gz", "brain_mask.nii.gz", "tissue.png", "tissue.json"):
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+    assert not any(p.name.startswith(".") for p in (tmp_path / "second").iterdir())  # no temporaries
 
 
 def test_tissue_map_on_another_grid_names_the_file(tmp_path):
