@@ -4,6 +4,8 @@
   of background, csf, gm, wm after renormalisation and clipping to the t1 > 0 brain)
   against SRI24 ``tissues``; brain = the registered atlas brain mask > 0.5 against
   ``tissues`` > 0.
+- SRI24 by its outline: the same, registered to the brain mask ``t1_stripped > 0`` only
+  (the path for cases with no T1/T1c, e.g. gliodil-patient001).
 - BRATS 2015 (T1c only): the registered atlas brain mask against the case's own
   ``brainmask`` (never fed to the registration), with the tumour (``OTMultiClass``)
   masked out of the cost.
@@ -31,18 +33,19 @@ def timed(call):
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def sri24_row(root, deformable):
+def sri24_row(root, deformable, outline=False):
     folder = root / "atlas" / "sri24"
     target = load_image(folder / "t1_stripped.nii.gz")
     labels = load_image(folder / "tissues.nii.gz", kind="label").data
-    reg, wall, cpu = timed(lambda: register_atlas(target, deformable=deformable))
     brain, _ = case_brain_mask({"t1": target})
+    fixed = target.with_data(brain) if outline else target
+    reg, wall, cpu = timed(lambda: register_atlas(fixed, deformable=deformable, outline=outline))
     maps = normalise_tissue(reg.maps["wm"], reg.maps["gm"], reg.maps["csf"], brain)
     stack = np.stack([1.0 - sum(maps), maps[2], maps[1], maps[0]])  # 0 bg, 1 csf, 2 gm, 3 wm
     argmax = stack.argmax(axis=0)
     scores = {"brain": dice(reg.maps["brain"] > 0.5, labels > 0)}
     scores.update({name: dice(argmax == k, labels == k) for name, k in (("wm", 3), ("gm", 2), ("csf", 1))})
-    return "SRI24 t1_stripped", scores, wall, cpu
+    return "SRI24 outline" if outline else "SRI24 t1_stripped", scores, wall, cpu
 
 
 def brats_row(root, case, deformable):
@@ -64,6 +67,7 @@ def main(quick: bool = False) -> None:
         for case in BRATS[:1] if quick else BRATS:
             if deformable or case == BRATS[0]:
                 rows.append((method, *brats_row(root, case, deformable)))
+    rows.append(("affine+SyN", *sri24_row(root, True, outline=True)))
     print(f"{'method':<11} {'case':<22} {'brain':>6} {'wm':>6} {'gm':>6} {'csf':>6} {'wall s':>7} {'cpu s':>6}")
     for method, case, scores, wall, cpu in rows:
         cells = " ".join(f"{scores[k]:6.3f}" if k in scores else f"{'-':>6}" for k in ("brain", "wm", "gm", "csf"))
