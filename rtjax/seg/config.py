@@ -9,12 +9,12 @@ Unknown keys are errors.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from growth.inverse import GeneratorConfig
 from rtjax.inverse_model import check_config_keys
+from rtjax.inverse_model import config_to_dict as _plain_config
 from rtjax.seg.model import UNetConfig
 from rtjax.seg.synth import RenderConfig
 
@@ -181,32 +181,17 @@ def config_from_dict(data: dict) -> SegConfig:
     check_config_keys(BankConfig, bank, "config.bank")
     bank["generator"] = GeneratorConfig.from_dict(dict(bank.get("generator") or {}))
     sections = {}
-    for name, cls in (("train", TrainConfig), ("data", DataConfig), ("infer", InferConfig)):
+    for name, cls in (("model", UNetConfig), ("render", RenderConfig), ("train", TrainConfig),
+                      ("data", DataConfig), ("infer", InferConfig)):
         values = dict(data.get(name) or {})
         check_config_keys(cls, values, f"config.{name}")
         sections[name] = cls(**_tuples(values))
-    return SegConfig(
-        version=str(data.get("version", "dev")),
-        model=UNetConfig.from_dict(dict(data.get("model") or {})),
-        render=RenderConfig.from_dict(_tuples(dict(data.get("render") or {}))),
-        bank=BankConfig(**bank),
-        **sections,
-    )
+    return SegConfig(version=str(data.get("version", "dev")), bank=BankConfig(**bank), **sections)
 
 
 def config_to_dict(config: SegConfig) -> dict:
-    """Plain (YAML-able) mapping of a config: tuples as lists."""
-
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        return value
-
-    out = plain(dataclasses.asdict(config))
-    out["render"] = plain(config.render.to_dict())
-    return out
+    """Plain (YAML-able) mapping of a config: tuples as lists, contrast tables as mappings."""
+    return {**_plain_config(config), "render": config.render.to_dict()}
 
 
 def load_config(path: str | Path) -> SegConfig:

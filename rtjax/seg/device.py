@@ -52,10 +52,10 @@ def device_run(config, data: str | Path | None, out: str | Path, budget_s: float
     results into `out` (see the module docstring). Returns the seg_metrics.json content."""
     import jax
 
-    from rtjax.provenance import write_json_atomic
+    from rtjax.provenance import atomic_write, write_json_atomic
     from rtjax.seg.config import SegConfig, load_config
     from rtjax.seg.infer import load_weights
-    from rtjax.seg.train import summarise, train_and_evaluate
+    from rtjax.seg.train import train_and_evaluate
 
     t_start = time.perf_counter()
     end = t_start + float(budget_s)
@@ -72,25 +72,14 @@ def device_run(config, data: str | Path | None, out: str | Path, budget_s: float
     result = train_and_evaluate(config, workdir, max_seconds=max(end - reserve - time.perf_counter(), 1.0),
                                 progress=progress)
 
-    tar_path = out / "seg_weights.tar.gz"
-    tmp = out / ".seg_weights.tmp.tar.gz"
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(result["weights"], arcname="seg")
-    tmp.replace(tar_path)
-    metrics = result["metrics"]
-    report = {
-        "loo": result["loo"],
-        "loo_summary": summarise(result["loo"]),
-        "timing_seconds": metrics["timing_seconds"],
-        "device": metrics["device"],
-        "version": metrics["version"],
-        "parameters_per_member": metrics["parameters_per_member"],
-        "members": metrics["members"],
-        "bank_tumours": metrics["bank_tumours"],
-        "base": metrics["base"],
-        "final": metrics["final"],
-        "budget_s": budget_s,
-    }
+    def write_tar(tmp):
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(result["weights"], arcname="seg")
+
+    tar_path = atomic_write(out / "seg_weights.tar.gz", write_tar, suffix=".tar.gz")
+    keys = ("loo", "loo_summary", "timing_seconds", "device", "version", "parameters_per_member",
+            "members", "bank_tumours", "base", "final")
+    report = {**{k: result["metrics"][k] for k in keys}, "budget_s": budget_s}
     write_json_atomic(out / "seg_metrics.json", report)
     # the exported folder is loaded back: this also checks that the shipped layout restores
     weights = load_weights(result["weights"])
@@ -118,10 +107,11 @@ def benchmark_table(weights=None, configs=None, *, tta: bool = False, repeats: i
     """Markdown table of `time_inference` for weights folders (default: the shipped
     weights) and for untrained models of YAML configs."""
     import jax
+    from flax import nnx
 
     from rtjax.seg.config import load_config
     from rtjax.seg.infer import load_weights, weights_from_model
-    from rtjax.seg.model import create_ensemble
+    from rtjax.seg.model import count_params, create_ensemble
 
     entries = []
     for path in weights or ([] if configs else [None]):
@@ -137,7 +127,7 @@ def benchmark_table(weights=None, configs=None, *, tta: bool = False, repeats: i
     for name, w in entries:
         r = time_inference(w, repeats=repeats, tta=tta)
         cfg = w.config
-        n = sum(x.size for x in jax.tree.leaves(w.params)) // cfg.train.members
+        n = count_params(nnx.merge(w.graphdef, w.params)) // cfg.train.members
         steady = f"{r['steady_s']:.1f}" if r["steady_s"] is not None else "-"
         lines.append(f"| {name} | {cfg.render.spacing:g} | {cfg.infer.patch}^3 | {cfg.train.members} | {n:,} "
                      f"| {r['first_call_s']:.1f} | {steady} |")

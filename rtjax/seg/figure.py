@@ -18,12 +18,10 @@ __all__ = ["segmentation_figure"]
 def segmentation_figure(case_dir, seg_path, out_png, *, labels: str = "brats2021") -> Path:
     """Write a 2x3 PNG (T1c / FLAIR rows; axial, coronal, sagittal) with necrosis (blue),
     enhancing (red) and edema (green) outlines; volumes in mL in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from rtjax.io import load_case, load_tumour_masks
+    from rtjax.study import headless_pyplot
+
+    plt = headless_pyplot()
 
     case = load_case(case_dir, names=["t1c", "flair"], require=["t1c", "flair"])
     masks, _ = load_tumour_masks(seg_path, labels, require_tumour=False)

@@ -40,6 +40,7 @@ __all__ = [
     "working_shape",
     "resample_to_shape",
     "predict_regions",
+    "probs_to_case_masks",
     "segment_arrays",
     "segment_case",
     "write_segmentation",
@@ -289,22 +290,28 @@ def predict_regions(
 # --------------------------------------------------------------------------- cases
 
 
+def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: float):
+    """Tumour masks of region probabilities (X, Y, Z, 3): none outside the boolean `brain`,
+    small stray components dropped (`keep_main_components`, skipped when `keep_fraction` is 0)."""
+    from rtjax.seg.model import keep_main_components, probs_to_masks
+
+    masks = probs_to_masks(probs * brain[..., None])
+    return keep_main_components(masks, keep_fraction) if keep_fraction > 0 else masks
+
+
 def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncertainty=False, tta=None):
     """Tumour masks (and uncertainty) of raw or pre-normalised T1c/FLAIR arrays (canonical).
 
     Returns (TumourMasks, uncertainty (X, Y, Z) float32 or None). Voxels outside the brain
     are never tumour; small stray components are dropped (`infer.keep_fraction`).
     """
-    from rtjax.seg.model import brain_mask_from_images, keep_main_components, normalise, probs_to_masks
+    from rtjax.seg.model import brain_mask_from_images, normalise
 
     w = weights if isinstance(weights, SegWeights) else load_weights(weights)
     brain = brain_mask_from_images(t1c, flair) if brain_mask is None else np.asarray(brain_mask, bool)
     x = normalise(t1c, flair, brain)
     probs, unc = predict_regions(w, x, spacing, uncertainty=uncertainty, tta=tta)
-    masks = probs_to_masks(probs * brain[..., None])
-    if w.config.infer.keep_fraction > 0:
-        masks = keep_main_components(masks, w.config.infer.keep_fraction)
-    return masks, unc
+    return probs_to_case_masks(probs, brain, w.config.infer.keep_fraction), unc
 
 
 def segment_case(

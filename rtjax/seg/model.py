@@ -15,15 +15,16 @@ Conventions
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# generic over stacked nnx ensembles; ensemble_logits gives (members, b, X, Y, Z, 3)
+from growth.inverse import count_params
+from growth.inverse import ensemble_apply as ensemble_logits
 from rtjax.labels import TumourMasks
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "ensemble_logits",
     "count_params",
     "zscore",
-    "background_value",
     "brain_mask_from_images",
     "normalise",
     "nest_regions",
@@ -87,14 +87,6 @@ class UNetConfig:
     def divisor(self) -> int:
         """Patch sides must be multiples of this."""
         return 2 ** (len(self.widths) - 1)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "UNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 # --------------------------------------------------------------------------- network
@@ -187,16 +179,6 @@ def create_ensemble(cfg: UNetConfig, members: int, seed: int = 0) -> UNet:
     return create(nnx.Rngs(seed))
 
 
-def ensemble_logits(model: UNet, x):
-    """Logits of every member for one input batch: (members, b, X, Y, Z, 3)."""
-    return nnx.vmap(lambda m, xx: m(xx), in_axes=(0, None), out_axes=0)(model, x)
-
-
-def count_params(model: nnx.Module) -> int:
-    """Number of trainable parameters (all ensemble members together)."""
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -213,24 +195,14 @@ def zscore(image, mask, *, clip: float = 5.0):
     return xp.where(w > 0.5, xp.clip(out, -clip, clip), 0.0).astype(xp.float32)
 
 
-def background_value(image: np.ndarray) -> float:
-    """The background value of a skull-stripped image: the most common value among its
-    eight corner voxels (0 for raw images, the brain-z-scored minimum for pre-normalised
-    ones such as BRATS 2015 `*_subtrMeanDivStd`)."""
-    a = np.asarray(image)
-    corners = a[np.ix_(*[[0, n - 1] for n in a.shape])].ravel()
-    values, counts = np.unique(corners, return_counts=True)
-    return float(values[np.argmax(counts)])
-
-
 def brain_mask_from_images(*images: np.ndarray) -> np.ndarray:
-    """Brain voxels of skull-stripped images: those differing from the background value
-    in any of them (boolean, same shape)."""
-    mask = np.zeros(np.shape(images[0]), bool)
-    for image in images:
-        a = np.asarray(image)
-        mask |= a != background_value(a)
-    return mask
+    """Brain voxels of skull-stripped images: the `rtjax.anatomy.foreground` (voxels that
+    differ from the background value: 0 for raw images, the brain-z-scored minimum for
+    pre-normalised ones such as BRATS 2015 `*_subtrMeanDivStd`) of any of them (boolean,
+    same shape)."""
+    from rtjax.anatomy import foreground
+
+    return np.any([foreground(np.asarray(a)) for a in images], axis=0)
 
 
 def normalise(t1c, flair, brain_mask=None) -> np.ndarray:

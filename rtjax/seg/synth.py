@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from growth.imaging import visible_masks
 from rtjax.labels import TumourMasks
 from rtjax.seg.model import zscore
 
@@ -132,14 +133,6 @@ class RenderConfig:
             out[name] = {k: list(v) for k, v in getattr(self, name)}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "RenderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"RenderConfig: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**data)
-
 
 # --------------------------------------------------------------------------- bank
 
@@ -227,14 +220,9 @@ def build_bank(
 
 def save_bank(bank: dict, path) -> None:
     """Write a bank as an npz file (atomically)."""
-    import os
-    from pathlib import Path
+    from rtjax.provenance import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **bank)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, **bank), suffix=".npz")
 
 
 def load_bank(path) -> dict[str, np.ndarray]:
@@ -247,11 +235,11 @@ def load_bank(path) -> dict[str, np.ndarray]:
 
 
 def tumour_classes(density, u_fl, u_t1, u_nec):
-    """Hard (necrosis, enhancing, edema) masks of a density for the given thresholds."""
+    """Hard (necrosis, enhancing, edema) masks of a density for the given thresholds: the
+    imaging model's `growth.imaging.visible_masks` with the core split at u_nec."""
+    core, ede = visible_masks(density, u_t1, u_fl)
     nec = density >= u_nec
-    enh = (density >= u_t1) & ~nec
-    ede = (density >= u_fl) & (density < u_t1)
-    return nec, enh, ede
+    return nec, core & ~nec, ede
 
 
 def _smooth_field(key, shape, n_ctrl: int = 4):
@@ -434,8 +422,7 @@ def render_case(
     # blur ranges are for 1 mm voxels: a coarser grid is blurred less, in voxels
     blur = tuple(v / float(spacing.mean()) for v in cfg.blur_vox)
     slice_blur = tuple(v / float(spacing.mean()) for v in cfg.slice_blur_vox)
-    cfg = dataclasses.replace(cfg, blur_vox=blur, slice_blur_vox=slice_blur,
-                              t1c=dict(cfg.t1c), flair=dict(cfg.flair))
+    cfg = dataclasses.replace(cfg, blur_vox=blur, slice_blur_vox=slice_blur)
     t1c, flair = _paint_jit(jax.random.key(int(seed)), jnp.asarray(density), jnp.asarray(wm),
                             jnp.asarray(gm), jnp.asarray(brain, jnp.float32),
                             tuple(float(t) for t in thresholds), cfg)

@@ -23,7 +23,6 @@ patch is made on the device inside the jitted step; one compilation serves all s
 from __future__ import annotations
 
 import json
-import math
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from rtjax.inverse_model import learning_rate_factor
 from rtjax.seg.config import SegConfig, config_to_dict, load_config
 
 __all__ = [
@@ -156,7 +156,6 @@ def region_loss(logits, y, dice_weight: float = 1.0):
     """Binary cross-entropy + soft Dice (over batch and voxels, per region) of region
     logits against {0,1} or soft targets; both (b, X, Y, Z, 3)."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     bce = optax.sigmoid_binary_cross_entropy(logits, y).mean()
@@ -176,7 +175,6 @@ def make_train_step(graphdef, cfg: SegConfig):
     """jit-compiled (params, opt_state, data, key, lr, case_weights, p_real) ->
     (params, opt_state, loss): draws the batch on the device, AdamW with a given lr."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     tx = _optimizer(cfg)
@@ -216,9 +214,9 @@ def _optimizer(cfg: SegConfig):
 
 
 def _lr(peak: float, warmup: int, progress: float, step: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine to 2 % of the peak over progress."""
+    """Linear warm-up over `warmup` steps, times a cosine to 2 % of the peak over progress."""
     warm = min(1.0, (step + 1) / max(warmup, 1))
-    return peak * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return peak * warm * learning_rate_factor(step, progress, warmup_steps=0)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -334,14 +332,11 @@ def evaluate_case(weights, case) -> dict[str, Any]:
     (sliding window, original resolution, no TTA, the post-processing of
     `rtjax.seg.infer.segment_arrays`), plus volumes (mL)."""
     from rtjax.metrics import region_metrics
-    from rtjax.seg.infer import predict_regions
-    from rtjax.seg.model import keep_main_components, probs_to_masks
+    from rtjax.seg.infer import predict_regions, probs_to_case_masks
 
     t0 = time.perf_counter()
     probs, _ = predict_regions(weights, case.x, case.spacing)
-    pred = probs_to_masks(probs * case.brain[..., None])
-    if weights.config.infer.keep_fraction > 0:
-        pred = keep_main_components(pred, weights.config.infer.keep_fraction)
+    pred = probs_to_case_masks(probs, case.brain, weights.config.infer.keep_fraction)
     metrics = region_metrics(pred, case.masks, case.spacing)
     voxel_ml = float(np.prod(case.spacing)) / 1000.0
     out = {"case": case.name, "seconds": time.perf_counter() - t0}
@@ -471,11 +466,12 @@ def train_and_evaluate(
         {"weights": path, "metrics": dict (also in weights/metrics.json), "loo": rows}.
     """
     import jax
+    from flax import nnx
 
     from rtjax.inverse_model import write_yaml
     from rtjax.provenance import run_metadata, write_json_atomic
     from rtjax.seg.data import find_real_cases, load_real_case, resolve_data_root
-    from rtjax.seg.infer import weights_from_model
+    from rtjax.seg.infer import SegWeights
     from rtjax.seg.model import count_params, create_ensemble
     from rtjax.seg.synth import build_bank, load_bank, save_bank
 
@@ -517,8 +513,6 @@ def train_and_evaluate(
     n_real = max(len(cases), 1)
 
     model = create_ensemble(config.model, tr.members, seed=tr.seed)
-    from flax import nnx
-
     graphdef, params0 = nnx.split(model)
     step_fn = make_train_step(graphdef, config)
     common = dict(data=data, cfg=config, seed=tr.seed, progress=progress)
@@ -556,7 +550,7 @@ def train_and_evaluate(
             learning_rate=tr.finetune_learning_rate, warmup=1,
             case_weights=weights_k if others else all_w, p_real=tr.real_fraction if others else 0.0,
             deadline=deadline, **common)
-        row = evaluate_case(weights_from_model(nnx.merge(graphdef, tuned), config), case)
+        row = evaluate_case(SegWeights(graphdef=graphdef, params=tuned, config=config, path=None), case)
         row["finetune_steps"] = info["steps_done"]
         write_json_atomic(path, row)
         rows.append(row)
