@@ -124,15 +124,6 @@ class FitConfig:
         soft_width: width of the sigmoid thresholds (density units).
         fit_thresholds: optimise u_T1 and u_FL too (else keep the initial ones).
         ratio: Dw / Dg.
-        soft_space: "linear": the soft masks are sigmoids of (c - u) / soft_width;
-            "logit": of (logit c - logit u) / logit_width, sharp near 0 and 1 (a linear
-            width comparable to a low u_FL gives every background voxel a share of the
-            edema and biases the fit towards high u_FL; a width in ln c keeps the soft
-            core below 1 for u_T1 near 1 and biases it towards low u_T1).
-        logit_width: the width of the "logit" soft masks (0.15 is a linear width of
-            about 0.04 at c = 0.5, 0.007 at c = 0.05).
-        regions: the soft-Dice terms of the loss: "core_edema" (mean of the core's and
-            the edema shell's) or "core_whole" (core and core + edema).
         prior_weight: weight of a Gaussian prior around the initial estimate (0: none),
             added to 1 - soft Dice as prior_weight * mean(((theta - theta0) / scale)^2) / 2.
         prior_scales: its scales for (origin, mm per axis; log sqrt(Dw T); log sqrt(rho T);
@@ -144,7 +135,7 @@ class FitConfig:
             their optimum is biased towards steep profiles (a soft Dice rewards sharp
             masks), narrow ones remove that bias.
         select: the criterion of the best iterate and of early stopping: "soft" (the
-            loss) or "hard" (1 - mean hard Dice of the same regions, unbiased and
+            loss) or "hard" (1 - mean hard Dice of core and edema, unbiased and
             comparable across widths; plus the prior term and 0.01 times the soft loss).
     """
 
@@ -155,9 +146,6 @@ class FitConfig:
     soft_width: float = 0.03
     fit_thresholds: bool = True
     ratio: float = 10.0
-    soft_space: str = "linear"
-    logit_width: float = 0.15
-    regions: str = "core_edema"
     prior_weight: float = 0.05
     prior_scales: tuple[float, float, float, float, float] = (3.0, 0.5, 0.3, 0.1, 0.1)
     final_lr_fraction: float = 0.2
@@ -165,17 +153,9 @@ class FitConfig:
     select: str = "hard"
 
     def __post_init__(self):
-        if self.soft_space not in ("linear", "logit"):
-            raise ValueError(f"soft_space must be 'linear' or 'logit', got {self.soft_space!r}")
         if self.select not in ("soft", "hard"):
             raise ValueError(f"select must be 'soft' or 'hard', got {self.select!r}")
-        if self.regions not in _REGIONS:
-            raise ValueError(f"regions must be one of {sorted(_REGIONS)}, got {self.regions!r}")
         object.__setattr__(self, "prior_scales", tuple(float(v) for v in self.prior_scales))
-
-
-#: Loss terms: which soft masks are compared by Dice (see `FitConfig.regions`).
-_REGIONS = {"core_edema", "core_whole"}
 
 
 @dataclass
@@ -348,37 +328,24 @@ def _theta(estimate: FitEstimate) -> Array:
 
 def mask_loss(density, estimate: FitEstimate, core, edema, config: "FitConfig",
               width_scale=1.0) -> Array:
-    """1 - mean soft Dice of the simulated (sigmoid-thresholded) against the observed masks,
-    over the regions of `config.regions`; the soft width is multiplied by `width_scale`."""
-    if config.soft_space == "logit":
-        c = jnp.clip(density, 1e-12, 1.0 - 1e-7)
-        logit_c = jnp.log(c) - jnp.log1p(-c)
-        logit = lambda u: jnp.log(u) - jnp.log1p(-u)  # noqa: E731
-        width = config.logit_width * width_scale
-        soft_core = jax.nn.sigmoid((logit_c - logit(estimate.u_t1)) / width)
-        above = jax.nn.sigmoid((logit_c - logit(estimate.u_fl)) / width)
-        soft_edema = jnp.clip(above - soft_core, 0.0, 1.0)
-    else:
-        soft_core, soft_edema = soft_visible_masks(density, estimate.u_t1, estimate.u_fl,
-                                                   config.soft_width * width_scale)
-    return _region_loss(soft_core, soft_edema, core, edema, config.regions)
+    """1 - mean soft Dice of the simulated (sigmoid-thresholded) against the observed core
+    and edema; the soft width `config.soft_width` is multiplied by `width_scale`."""
+    soft_core, soft_edema = soft_visible_masks(density, estimate.u_t1, estimate.u_fl,
+                                               config.soft_width * width_scale)
+    return _dice_loss(soft_core, soft_edema, core, edema)
 
 
-def _region_loss(sim_core, sim_edema, core, edema, regions: str) -> Array:
-    if regions == "core_whole":
-        second = soft_dice(sim_core + sim_edema, core + edema)
-    else:
-        second = soft_dice(sim_edema, edema)
-    return 1.0 - 0.5 * (soft_dice(sim_core, core) + second)
+def _dice_loss(sim_core, sim_edema, core, edema) -> Array:
+    return 1.0 - 0.5 * (soft_dice(sim_core, core) + soft_dice(sim_edema, edema))
 
 
-def hard_mask_loss(density, estimate: FitEstimate, core, edema, regions: str = "core_edema") -> Array:
+def hard_mask_loss(density, estimate: FitEstimate, core, edema) -> Array:
     """`mask_loss` with hard masks on both sides (observed fractions >= 0.5): the loss
     the soft one approximates, used to pick the best iterate."""
     sim_core, sim_edema = (m.astype(jnp.float32) for m in visible_masks(density, estimate.u_t1, estimate.u_fl))
     obs_core = (core >= 0.5).astype(jnp.float32)
     obs_edema = ((core + edema >= 0.5) & (core < 0.5)).astype(jnp.float32)
-    return _region_loss(sim_core, sim_edema, obs_core, obs_edema, regions)
+    return _dice_loss(sim_core, sim_edema, obs_core, obs_edema)
 
 
 def _loss(z, decoder: _Decoder, sim: FKSimulator, core, edema, config: "FitConfig", theta0,
@@ -386,7 +353,7 @@ def _loss(z, decoder: _Decoder, sim: FKSimulator, core, edema, config: "FitConfi
     estimate = decoder(z)
     density = simulate_adaptive(sim, estimate.params(config.ratio), estimate.origin_mm)
     hard = hard_mask_loss(jax.lax.stop_gradient(density), jax.lax.stop_gradient(estimate),
-                          core, edema, config.regions)
+                          core, edema)
     loss = mask_loss(density, estimate, core, edema, config, width_scale)
     if config.prior_weight > 0:
         scales = jnp.asarray(config.prior_scales[:1] * 3 + config.prior_scales[1:], jnp.float32)
@@ -398,12 +365,21 @@ def _loss(z, decoder: _Decoder, sim: FKSimulator, core, edema, config: "FitConfi
     return loss, hard
 
 
+def _optimizer(config: FitConfig) -> optax.GradientTransformation:
+    """Adam on clipped gradients, its step size decaying (cosine) to `final_lr_fraction`.
+    Built from the (static, hashable) config inside `_step`: a new optimizer object per
+    fit would be a new static argument and recompile the step for every case."""
+    schedule = optax.cosine_decay_schedule(config.learning_rate, max(config.max_iterations, 1),
+                                           alpha=config.final_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(10.0), optax.adam(schedule))
+
+
 @eqx.filter_jit
-def _step(z, opt_state, decoder, sim, core, edema, config, theta0, width_scale, optimizer):
+def _step(z, opt_state, decoder, sim, core, edema, config, theta0, width_scale):
     (loss, hard), grad = jax.value_and_grad(_loss, has_aux=True)(
         z, decoder, sim, core, edema, config, theta0, width_scale)
     grad = jnp.where(jnp.isfinite(grad), grad, 0.0)
-    updates, opt_state = optimizer.update(grad, opt_state, z)
+    updates, opt_state = _optimizer(config).update(grad, opt_state, z)
     return optax.apply_updates(z, updates), opt_state, loss, hard
 
 
@@ -447,19 +423,15 @@ def refine(
         fit_thresholds=config.fit_thresholds,
     )
     sim = make_fit_simulator(wm, gm, grid, float(decoder.dw_box[1]))
-    schedule = optax.cosine_decay_schedule(config.learning_rate, max(config.max_iterations, 1),
-                                           alpha=config.final_lr_fraction)
-    optimizer = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(schedule))
     z = decoder.encode(initial)
     theta0 = _theta(initial if prior_centre is None else prior_centre)
-    opt_state = optimizer.init(z)
+    opt_state = _optimizer(config).init(z)
     best_z, best_loss, best_iteration, curve, hard_curve = z, np.inf, 0, [], []
     stopped_early = False
     for iteration in range(config.max_iterations):
         width_scale = config.final_width_fraction ** (iteration / max(config.max_iterations - 1, 1))
         new_z, opt_state, loss, hard = _step(
-            z, opt_state, decoder, sim, core, edema, config, theta0,
-            jnp.float32(width_scale), optimizer,
+            z, opt_state, decoder, sim, core, edema, config, theta0, jnp.float32(width_scale),
         )
         loss, hard = float(loss), float(hard)  # the losses of z, before this update
         curve.append(loss)
