@@ -46,10 +46,12 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from growth.anisotropic import AnisotropicFKSimulator
 from growth.grid import Grid, stable_time_step
 from growth.imaging import visible_masks
 from growth.seed import GaussianSeed
 from growth.solver import FKParams, FKSimulator
+from growth.tensor import rotate_tensor
 
 __all__ = [
     "TARGET_NAMES",
@@ -560,8 +562,6 @@ def simulate_cases(cfg: GeneratorConfig, atlas_wm, atlas_gm, atlas_spacing, case
 def _box_tensor(cfg: GeneratorConfig, atlas_tensor, atlas_spacing, origin_atlas_mm, transform):
     """The shape tensor on the simulation box: components resampled (trilinear) and rotated
     into the box axes (v_box = Q^T v_atlas, Q the orthogonal part of `transform`)."""
-    from growth.tensor import rotate_tensor
-
     n = cfg.sim_shape
     matrix, offset = box_affine(cfg, atlas_spacing, origin_atlas_mm, transform)
     t6 = jnp.stack([resample_affine(t, matrix, offset, (n,) * 3) for t in atlas_tensor])
@@ -588,8 +588,6 @@ def simulate_anisotropic_cases(
     each case's box. One case at a time on the host (the stencil is built per anatomy),
     in scaled time as the isotropic generator. Returns numpy arrays, leading batch axis.
     """
-    from growth.anisotropic import AnisotropicFKSimulator
-
     atlas_wm, atlas_gm = jnp.asarray(atlas_wm, jnp.float32), jnp.asarray(atlas_gm, jnp.float32)
     atlas_tensor = jnp.asarray(atlas_tensor, jnp.float32)
     spacing = jnp.broadcast_to(jnp.asarray(atlas_spacing, jnp.float32), (3,))

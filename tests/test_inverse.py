@@ -193,6 +193,60 @@ def test_crop_round_trip_on_a_linear_pattern_with_anisotropic_spacing():
     np.testing.assert_allclose(back, patient, atol=3e-4)
 
 
+def test_simulation_box_samples_the_atlas_through_origin_and_transform():
+    """Box voxel j sits at atlas mm origin + T (j h - centre): exact for a linear field."""
+    from growth.inverse import _rotation, box_affine, box_centre_mm, resample_affine
+
+    spacing = np.array([1.0, 1.5, 2.0])
+    mm = np.stack(np.indices((100, 70, 50)), -1) * spacing
+    coeff = np.array([0.3, -0.2, 0.5])
+    field = (mm @ coeff + 1.0).astype(np.float32)
+    origin = np.array([50.3, 52.1, 49.7])
+    transform = 1.05 * _rotation(np.random.default_rng(0), 60.0) @ np.diag([1.0, -1.0, 1.0])
+    matrix, offset = box_affine(TINY_GEN, spacing, jnp.asarray(origin, jnp.float32),
+                                jnp.asarray(transform, jnp.float32))
+    n, h = TINY_GEN.sim_shape, TINY_GEN.sim_spacing
+    box = np.asarray(resample_affine(jnp.asarray(field), matrix, offset, (n,) * 3))
+    box_mm = np.stack(np.indices((n,) * 3), -1) * h - np.asarray(box_centre_mm(TINY_GEN))
+    expected = (origin + box_mm @ transform.T) @ coeff + 1.0
+    np.testing.assert_allclose(box, expected, atol=2e-3)
+
+
+def test_observe_copies_the_box_on_the_network_grid():
+    """With equal spacings the crop is a block of box voxels, moved less than half a voxel
+    from the visible centre of mass."""
+    from growth.inverse import observe
+
+    n, h = TINY_GEN.sim_shape, TINY_GEN.sim_spacing
+    mm = np.stack(np.indices((n,) * 3), -1) * h
+    c = np.exp(-((mm - np.array([21.3, 24.7, 19.1])) ** 2).sum(-1) / (2 * 5.0**2)).astype(np.float32)
+    wm = np.random.default_rng(0).uniform(size=c.shape).astype(np.float32)
+    out = observe(TINY_GEN, jnp.asarray(c), jnp.asarray(wm), jnp.asarray(1 - wm), 0.6, 0.2)
+    visible = c >= 0.2
+    com = (np.argwhere(visible) * h).mean(0)
+    centre = np.asarray(out["com_box_mm"])
+    assert np.all(np.abs(centre - com) <= h / 2 + 1e-5)
+    start = np.round(centre / h - (TINY_GEN.net_shape - 1) / 2).astype(int)
+    block = tuple(slice(s, s + TINY_GEN.net_shape) for s in start)
+    np.testing.assert_allclose(np.asarray(out["density"]), c[block], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["wm"]), wm[block], atol=1e-6)
+    assert bool(out["accepted"])
+
+
+def test_box_tensor_is_the_atlas_tensor_in_box_axes():
+    """A constant atlas tensor D becomes Q^T D Q on the box (Q = transform / its scale)."""
+    from growth.inverse import _box_tensor, _rotation
+    from growth.tensor import components_to_matrix
+
+    atlas_tensor = _along_x_tensor((40, 40, 40))
+    q = _rotation(np.random.default_rng(1), 60.0)
+    box = _box_tensor(TINY_GEN, jnp.asarray(atlas_tensor), jnp.asarray([2.0, 2.0, 2.0]),
+                      jnp.asarray([40.0, 40.0, 40.0]), jnp.asarray(1.05 * q, jnp.float32))
+    d = np.asarray(components_to_matrix(jnp.asarray(atlas_tensor[:, 0, 0, 0])))
+    centre = np.asarray(components_to_matrix(box[:, 6:18, 6:18, 6:18]))
+    np.testing.assert_allclose(centre, np.broadcast_to(q.T @ d @ q, centre.shape), atol=1e-5)
+
+
 # --------------------------------------------------------------------------- network
 
 
