@@ -14,6 +14,7 @@ mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -40,17 +41,12 @@ def atlas_shape_tensor(data_root=None, anisotropy: float = 5.0) -> np.ndarray:
     of view), resampled onto the atlas of `rtjax.inverse_model.load_atlas`."""
     from pathlib import Path
 
-    from rtjax.atlas import atlas_tissue_paths
     from rtjax.data import data_root as default_root
-    from rtjax.io import load_image
-    from rtjax.simulate import Tissue, load_shape_tensor
+    from rtjax.simulate import load_shape_tensor, load_tissue
 
     folder = Path(data_root or default_root()) / "dti" / "tractseg"
-    paths = atlas_tissue_paths("mni152")
-    tissue = Tissue(wm=load_image(paths["wm"], kind="probability"),
-                    gm=load_image(paths["gm"], kind="probability"))
-    shape = load_shape_tensor(tissue, fa=folder / "FA.nii.gz", peaks=folder / "peaks.nii.gz",
-                              anisotropy=anisotropy)
+    shape = load_shape_tensor(load_tissue(atlas="mni152"), fa=folder / "FA.nii.gz",
+                              peaks=folder / "peaks.nii.gz", anisotropy=anisotropy)
     return np.asarray(shape.components, np.float32)
 
 
@@ -73,6 +69,16 @@ def held_out_cases(cfg, n_cases: int, *, seed: int, tensor=None, atlas=None, bat
             count += 1
 
 
+def _observed_masks(case: dict):
+    """A simulated case's masks as its thresholds show them (core = enhancing)."""
+    from rtjax.labels import TumourMasks
+
+    truth = np.asarray(case["density"], np.float32)
+    core = truth >= float(case["u_t1"])
+    return TumourMasks(necrosis=np.zeros_like(core), enhancing=core,
+                       edema=(truth >= float(case["u_fl"])) & ~core)
+
+
 def fit_held_out_case(case: dict, spacing, *, weights, iterations: int | None = None,
                       fit_options=None) -> dict:
     """Fit one held-out case with the network alone and with refinement (`iterations` at
@@ -80,14 +86,11 @@ def fit_held_out_case(case: dict, spacing, *, weights, iterations: int | None = 
     `LEVELS`, parameter errors and seconds per stage."""
     from growth.fit import FitConfig, dice
     from rtjax.fit import fit_case
-    from rtjax.labels import TumourMasks
 
     fit_options = dict(fit_options or {})
     config = fit_options.pop("config", None) or FitConfig()
     truth = np.asarray(case["density"], np.float32)
-    core = truth >= float(case["u_t1"])
-    masks = TumourMasks(necrosis=np.zeros_like(core), enhancing=core,
-                        edema=(truth >= float(case["u_fl"])) & ~core)
+    masks = _observed_masks(case)
     row = {"sqrt_dw_t": float(case["sqrt_dw_t"]), "sqrt_rho_t": float(case["sqrt_rho_t"])}
     iterations = config.max_iterations if iterations is None else iterations
     for name, its in (("network", 0), ("refined", iterations)):
@@ -95,7 +98,8 @@ def fit_held_out_case(case: dict, spacing, *, weights, iterations: int | None = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fit = fit_case(masks, case["wm"], case["gm"], spacing, initial="network",
-                           weights=weights, config=_with_iterations(config, its), **fit_options)
+                           weights=weights, config=dataclasses.replace(config, max_iterations=its),
+                           **fit_options)
         est = fit.info["scaled_parameters"]
         row[name] = {
             "dice": [dice(fit.density >= u, truth >= u) for u in LEVELS],
@@ -104,12 +108,6 @@ def fit_held_out_case(case: dict, spacing, *, weights, iterations: int | None = 
             "seconds": time.perf_counter() - start,
         }
     return row
-
-
-def _with_iterations(config, iterations: int):
-    import dataclasses
-
-    return dataclasses.replace(config, max_iterations=iterations)
 
 
 def evaluate_fit(
@@ -137,8 +135,11 @@ def evaluate_fit(
         deadline: a `time.perf_counter()` value after which no new case is started.
         fit_options: more keyword arguments of `rtjax.fit.fit_case` (e.g. `config`).
     """
+    from growth.fit import FitConfig
     from rtjax.inverse_model import load_weights
 
+    if iterations is None:
+        iterations = (dict(fit_options or {}).get("config") or FitConfig()).max_iterations
     weights = load_weights(weights)
     cfg = weights.config.generator
     tensor = atlas_shape_tensor(anisotropy=anisotropy) if anisotropic else None
@@ -155,11 +156,6 @@ def evaluate_fit(
                   f"{np.round(r['network']['dice'], 3).tolist()} refined "
                   f"{np.round(r['refined']['dice'], 3).tolist()} "
                   f"({r['refined']['seconds']:.1f} s)", flush=True)
-    config = dict(fit_options or {}).get("config")
-    if iterations is None:
-        from growth.fit import FitConfig
-
-        iterations = (config or FitConfig()).max_iterations
     return {"levels": list(LEVELS), "cases": rows, "seed": seed, "iterations": iterations,
             "weights_version": weights.version, "anisotropic": anisotropic,
             "anisotropy": anisotropy if anisotropic else None}
@@ -196,7 +192,6 @@ def benchmark_fit(data_root=None, *, n_simulated: int = 2, seed: int = 31_337, f
     from rtjax.data import data_root as default_root
     from rtjax.fit import fit_case, fit_case_dir
     from rtjax.inverse_model import load_weights
-    from rtjax.labels import TumourMasks
 
     rows = []
 
@@ -218,10 +213,7 @@ def benchmark_fit(data_root=None, *, n_simulated: int = 2, seed: int = 31_337, f
     cfg = weights.config.generator
     spacing = (cfg.net_spacing,) * 3
     for k, sim in enumerate(held_out_cases(cfg, n_simulated, seed=seed)):
-        truth = np.asarray(sim["density"], np.float32)
-        core = truth >= float(sim["u_t1"])
-        masks = TumourMasks(necrosis=np.zeros_like(core), enhancing=core,
-                            edema=(truth >= float(sim["u_fl"])) & ~core)
+        masks = _observed_masks(sim)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -195,10 +195,9 @@ def write_yaml(path: Path, data: dict) -> None:
     """Write `data` as YAML (key order kept), creating the parent folder."""
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    from rtjax.provenance import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- data
@@ -591,24 +590,22 @@ def train_and_evaluate(
             print(f"[train] step {done}/{tr.steps} loss {np.mean(losses[-tr.log_every:]):.4f} "
                   f"lr x{factor:.3f} ({rate:.2f} steps/s, "
                   f"{time.perf_counter() - clock.start:.0f} s)", flush=True)
-        if done % tr.checkpoint_every == 0 or done == end:
+        if done % tr.checkpoint_every == 0:
             save(done)
             saved = done
     if stop_after is not None and done < tr.steps and stopped_by == "steps":
         stopped_by = "stop_after"
-    if done > saved:
+    if done > saved:  # where the run ends, whatever ended it
         save(done)
     if stopped_by == "time":
         print(f"[train] time budget reached after step {done}", flush=True)
     train_seconds = time.perf_counter() - t_train
-    final_step = max(done, start_step)
     manager.close()
 
-    result = {"start_step": start_step, "step": final_step, "stopped_by": stopped_by,
+    result = {"start_step": start_step, "step": done, "stopped_by": stopped_by,
               "metrics": None, "weights": None, "train_seconds": train_seconds,
               "data_seconds": data_seconds, "train_cases": n_train}
-    if stopped_by == "stop_after" or (stopped_by == "steps" and final_step < tr.steps) \
-            or not evaluate_at_end:
+    if stopped_by == "stop_after" or not evaluate_at_end:
         return result
 
     tail = losses[-tr.log_every:]
@@ -617,7 +614,7 @@ def train_and_evaluate(
         "members": tr.members,
         "parameters_per_member": count_params(model) // tr.members,
         "train_cases": n_train,
-        "steps": final_step,
+        "steps": done,
         "steps_configured": tr.steps,
         "stopped_by": stopped_by,
         "final_train_loss": float(np.mean(tail)) if tail else None,
@@ -951,12 +948,13 @@ def _tar_weights(weights: Path, out_path: Path) -> Path:
     `rtjax/weights/inverse`), written atomically."""
     import tarfile
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(weights, arcname="inverse")
-    os.replace(tmp, out_path)
-    return out_path
+    from rtjax.provenance import atomic_write
+
+    def write(tmp: str) -> None:
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(weights, arcname="inverse")
+
+    return atomic_write(out_path, write)
 
 
 def device_job(
