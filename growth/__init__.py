@@ -1,6 +1,7 @@
 """growth: a differentiable Fisher-Kolmogorov glioma growth model in JAX.
 
-The learned inverse model lives in `growth.inverse` (it needs flax; `import growth` does not).
+`growth.inverse` generates the training simulations of a learned inverse model (the
+network itself is in `rtjax.inverse`). No Flax, no files.
 
 Arrays and voxel spacing in, arrays out: no files, no patients. Units: mm, days,
 D in mm^2/day, rho in 1/day, density c in [0, 1].

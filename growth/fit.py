@@ -109,7 +109,7 @@ class FitBounds:
 class FitConfig:
     """Optimiser settings.
 
-    The defaults (tuned on held-out simulated cases, see `rtjax.fit_evaluation`): Adam with
+    The defaults (tuned on held-out simulated cases, see `rtjax.experiments.fit_evaluation`): Adam with
     a cosine decay to 0.2 of the step size, soft masks narrowing from 0.03 to 0.006 (wide
     soft masks are biased towards steep profiles), the iterate with the best hard-mask
     Dice kept, and a weak prior towards the starting estimate, which picks among the many

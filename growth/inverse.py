@@ -1,6 +1,7 @@
-"""The learned inverse model (LearnMorph-Infer style): masks -> FK parameters.
+"""Training simulations for a learned inverse model (LearnMorph-Infer style).
 
-Pure JAX / Flax NNX: arrays in, arrays out, no files. Three parts:
+Pure JAX: arrays in, arrays out, no files, no networks (the network itself lives in
+`rtjax.inverse`). Three parts:
 
 1. **Geometry.** `crop_around` resamples a patient's canonical arrays onto the network's
    fixed grid around a centre (trilinear or nearest, `jax.scipy.ndimage.map_coordinates`);
@@ -9,9 +10,8 @@ Pure JAX / Flax NNX: arrays in, arrays out, no files. Three parts:
    the host; `simulate_cases` grows the tumours with `FKSimulator`, `jax.vmap`ped over a
    batch that shares one grid and one step (one compile serves every batch), and crops
    them around the visible tumour; `iterate_simulations` streams accepted cases.
-3. **The network.** `InverseNet`, a small 3-D ResNet in `flax.nnx`; `create_ensemble`
-   stacks several independently initialised members (`nnx.vmap`), whose spread is the
-   uncertainty of the estimate.
+3. **Network inputs.** `masks_to_inputs` and `threshold_inputs` build the network's input
+   channels and the visible centre of mass from masks or from a density.
 
 Conventions
 -----------
@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jaxtyping import Array, Float
 
 from growth.anisotropic import AnisotropicFKSimulator
@@ -57,7 +56,6 @@ __all__ = [
     "TARGET_NAMES",
     "SamplingRanges",
     "GeneratorConfig",
-    "NetConfig",
     "resample_affine",
     "crop_around",
     "network_grid_offsets",
@@ -72,10 +70,6 @@ __all__ = [
     "iterate_simulations",
     "threshold_inputs",
     "masks_to_inputs",
-    "InverseNet",
-    "create_ensemble",
-    "ensemble_apply",
-    "count_params",
 ]
 
 #: The network's outputs, in order (before normalisation).
@@ -191,54 +185,6 @@ class GeneratorConfig:
     @property
     def max_steps(self) -> int:
         return math.ceil(self.t_scaled_max / self.dt) + 1
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GeneratorConfig":
-        return _from_dict(cls, data)
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    """Architecture of `InverseNet`.
-
-    The input (net_shape^3 x 4) is cut into patch^3 blocks (space-to-depth) and embedded
-    linearly to widths[0] channels; each stage has `blocks` residual blocks (two 3x3x3
-    convolutions with group norm); between stages a stride-2 convolution halves the grid.
-    The last feature map is flattened (position-aware) into a `head`-wide hidden layer.
-    """
-
-    net_shape: int = 32
-    patch: int = 4
-    widths: tuple[int, ...] = (32, 64)
-    blocks: int = 1
-    head: int = 64
-    groups: int = 8
-    in_channels: int = 4
-    outputs: int = len(TARGET_NAMES)
-
-    def __post_init__(self):
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        if self.net_shape % (self.patch * 2 ** (len(self.widths) - 1)):
-            raise ValueError("net_shape must be divisible by patch * 2^(stages - 1)")
-
-    @property
-    def final_shape(self) -> int:
-        return self.net_shape // (self.patch * 2 ** (len(self.widths) - 1))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "NetConfig":
-        return _from_dict(cls, data)
-
-
-def _from_dict(cls, data: dict):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
-    values = {}
-    for key, value in data.items():
-        values[key] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -682,77 +628,3 @@ def _inputs(core, edema, wm, gm, net_spacing):
     x = jnp.stack([core.astype(jnp.float32), edema.astype(jnp.float32),
                    jnp.asarray(wm, jnp.float32), jnp.asarray(gm, jnp.float32)], axis=-1)
     return x, com
-
-
-# --------------------------------------------------------------------------- network
-
-
-def _space_to_depth(x: Array, p: int) -> Array:
-    b, n0, n1, n2, c = x.shape
-    x = x.reshape(b, n0 // p, p, n1 // p, p, n2 // p, p, c)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(b, n0 // p, n1 // p, n2 // p, p**3 * c)
-
-
-class _ResBlock(nnx.Module):
-    def __init__(self, width: int, groups: int, *, rngs: nnx.Rngs):
-        g = math.gcd(groups, width)
-        self.conv1 = nnx.Conv(width, width, (3, 3, 3), rngs=rngs)
-        self.norm1 = nnx.GroupNorm(width, num_groups=g, rngs=rngs)
-        self.conv2 = nnx.Conv(width, width, (3, 3, 3), rngs=rngs)
-        self.norm2 = nnx.GroupNorm(width, num_groups=g, rngs=rngs)
-
-    def __call__(self, x):
-        h = nnx.gelu(self.norm1(self.conv1(x)))
-        h = self.norm2(self.conv2(h))
-        return nnx.gelu(x + h)
-
-
-class InverseNet(nnx.Module):
-    """A small 3-D ResNet: (batch, n, n, n, 4) -> (batch, outputs) normalised targets."""
-
-    def __init__(self, cfg: NetConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.embed = nnx.Linear(cfg.patch**3 * cfg.in_channels, cfg.widths[0], rngs=rngs)
-        self.stages = nnx.List([
-            nnx.List([_ResBlock(w, cfg.groups, rngs=rngs) for _ in range(cfg.blocks)])
-            for w in cfg.widths
-        ])
-        self.downs = nnx.List([
-            nnx.Conv(a, b, (3, 3, 3), strides=2, rngs=rngs)
-            for a, b in zip(cfg.widths[:-1], cfg.widths[1:])
-        ])
-        flat = cfg.final_shape**3 * cfg.widths[-1]
-        self.hidden = nnx.Linear(flat, cfg.head, rngs=rngs)
-        self.out = nnx.Linear(cfg.head, cfg.outputs, rngs=rngs)
-
-    def __call__(self, x: Float[Array, "b n n n c"]) -> Float[Array, "b o"]:
-        x = nnx.gelu(self.embed(_space_to_depth(x, self.cfg.patch)))
-        for k, stage in enumerate(self.stages):
-            for block in stage:
-                x = block(x)
-            if k < len(self.downs):
-                x = nnx.gelu(self.downs[k](x))
-        x = nnx.gelu(self.hidden(x.reshape(x.shape[0], -1)))
-        return self.out(x)
-
-
-def create_ensemble(cfg: NetConfig, members: int, seed: int = 0) -> InverseNet:
-    """`members` independently initialised networks stacked on a leading axis."""
-
-    @nnx.split_rngs(splits=members)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-        return InverseNet(cfg, rngs=rngs)
-
-    return create(nnx.Rngs(seed))
-
-
-def ensemble_apply(model: InverseNet, x: Array) -> Array:
-    """Outputs of every member: (members, batch, outputs)."""
-    return nnx.vmap(lambda m, xx: m(xx), in_axes=(0, None), out_axes=0)(model, x)
-
-
-def count_params(model: nnx.Module) -> int:
-    """Number of trainable parameters (all ensemble members together)."""
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -50,13 +50,18 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import binary_fill_holes, gaussian_filter
 
+from rtjax.atlas import load_atlas
+from rtjax.ctv import euclidean_distance
 from rtjax.errors import InputError
 from rtjax.io import Image, check_same_grid, load_case, load_image, save_image
+from rtjax.plotting import headless_pyplot
 from rtjax.provenance import atomic_write, run_metadata, write_json_atomic
 
 __all__ = [
@@ -70,7 +75,6 @@ __all__ = [
     "case_tissue",
     "foreground",
     "from_ants",
-    "load_mni152",
     "outline_intensity",
     "normalise_tissue",
     "register_atlas",
@@ -150,23 +154,6 @@ def ants_affine_to_ras(path: str | Path) -> np.ndarray:
 # --------------------------------------------------------------------------- atlas
 
 
-def load_mni152() -> dict[str, Image]:
-    """The ICBM152 2009a atlas from nilearn: "t1" (skull-stripped template), "wm", "gm"
-    (probabilities), "brain" (t1 > 0, float 0/1) and "csf" (brain * (1 - wm - gm), clipped),
-    canonical RAS images on the template grid (197x233x189, 1 mm)."""
-    from nilearn import datasets
-
-    from rtjax.atlas import atlas_tissue_paths
-
-    paths = atlas_tissue_paths("mni152")
-    t1 = load_image(datasets.MNI152_FILE_PATH, kind="intensity")
-    wm = load_image(paths["wm"], kind="probability")
-    gm = load_image(paths["gm"], kind="probability")
-    brain = (t1.data > 0).astype(np.float32)
-    csf = np.clip(brain - wm.data - gm.data, 0.0, 1.0)
-    return {"t1": t1, "wm": wm, "gm": gm, "brain": t1.with_data(brain), "csf": t1.with_data(csf)}
-
-
 @dataclass(frozen=True)
 class AtlasRegistration:
     """The atlas registered to a target image.
@@ -207,7 +194,6 @@ def outline_intensity(mask: np.ndarray, spacing, sigma_mm: float = OUTLINE_SMOOT
     """What an outline registration sees (float32 in [0, 1]): the brain ``mask`` (canonical
     (X, Y, Z), non-zero = brain) smoothed by a Gaussian of ``sigma_mm`` (``spacing`` in mm
     per axis), so that mean squares has a gradient across the boundary."""
-    from scipy.ndimage import gaussian_filter
 
     sigma = [sigma_mm / float(s) for s in spacing]
     smooth = gaussian_filter(np.asarray(mask != 0, np.float32), sigma, mode="constant")
@@ -242,13 +228,14 @@ def register_atlas(
         deformable: affine then SyN (``SYN_ITERATIONS``); False: affine only.
         resolution_mm: isotropic grid (mm) on which both images are registered; None:
             their own grids. The maps are always warped onto the target's own grid.
-        atlas: "t1", "wm", "gm", "csf", "brain" images (default :func:`load_mni152`).
+        atlas: "t1", "wm", "gm", "csf", "brain" images (default: the MNI152 atlas,
+            :meth:`rtjax.atlas.Atlas.images`).
         outline: ``target`` is a brain mask: register the atlas "brain" to it, both
             :func:`outline_intensity`, with mean squares instead of mutual information.
     """
     import ants
 
-    atlas = load_mni152() if atlas is None else atlas
+    atlas = load_atlas().images() if atlas is None else atlas
     start = time.perf_counter()
     if outline:
         fixed = outline_intensity(target.data, target.spacing)
@@ -319,7 +306,6 @@ def foreground(data: np.ndarray) -> np.ndarray:
 
 
 def _filled(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_fill_holes
 
     return binary_fill_holes(mask)
 
@@ -412,7 +398,6 @@ def _lesion_of(images: Mapping[str, Image], lesion: np.ndarray | None) -> tuple[
 def tumour_cost_mask(lesion: np.ndarray, spacing) -> np.ndarray:
     """Where the registration cost is evaluated: voxels farther than LESION_MARGIN_MM from
     the boolean ``lesion`` (canonical (X, Y, Z); ``spacing`` in mm per axis)."""
-    from rtjax.ctv import euclidean_distance
 
     if not lesion.any():
         return np.ones(lesion.shape, bool)
@@ -420,7 +405,6 @@ def tumour_cost_mask(lesion: np.ndarray, spacing) -> np.ndarray:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
 
     return {p: version(p) for p in ("antspyx", "nilearn", "nibabel", "numpy")}
 
@@ -577,7 +561,6 @@ def save_tissue_figure(
 ) -> Path:
     """Axial, coronal and sagittal slices (canonical RAS arrays) through the brain's centre:
     the background in grey with wm (red), gm (green), csf (blue) overlaid; PNG, atomic."""
-    from rtjax.study import headless_pyplot
 
     plt = headless_pyplot()
     total = wm + gm + csf

@@ -1,11 +1,16 @@
 """The `rtjax` command line: one subcommand per job, each a thin layer over a library call.
 
 Heavy modules (JAX, nibabel, nilearn) are imported inside the commands, so `rtjax --help`
-stays fast.
+stays fast. Every command runs inside one error path (`_command`): a bad input, a bad
+option or a filesystem error is one line `error: ...` on stderr and exit code 2, never a
+traceback; warnings print as `warning: ...` lines.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 15]" and "wm/gm[/csf]" stay literal
 )
 
 Coordinate = tuple[float, float, float]
@@ -26,7 +32,42 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command()
+def _os_error_message(err: OSError) -> str:
+    """One line for a filesystem error: the file and what went wrong."""
+    where = err.filename if err.filename is not None else ""
+    what = err.strerror or str(err)
+    return f"{where}: {what}" if where else what
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+
+def _command(name: str | None = None, **kwargs):
+    """`app.command` with the one error path of the CLI (see the module docstring)."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            from rtjax.errors import InputError  # light: no JAX
+
+            previous = warnings.showwarning
+            warnings.showwarning = _show_warning
+            try:
+                return fn(*args, **kw)
+            except (InputError, ValueError, FileNotFoundError) as err:
+                _fail(str(err))
+            except OSError as err:
+                _fail(_os_error_message(err))
+            finally:
+                warnings.showwarning = previous
+
+        return app.command(name, **kwargs)(run)
+
+    return register
+
+
+@_command()
 def simulate(
     out: Annotated[Path, typer.Option("--out", help="Output density NIfTI (.nii or .nii.gz).")],
     dw: Annotated[float, typer.Option("--dw", help="White-matter diffusivity Dw, mm^2/day.")],
@@ -50,27 +91,23 @@ def simulate(
     """Forward Fisher-Kolmogorov simulation from a Gaussian seed; writes the tumour cell
     density on the tissue's grid, with a JSON sidecar of parameters and versions.
     With --tensor or --fa/--peaks, growth is anisotropic along the DTI fibres."""
-    from rtjax.errors import InputError
     from rtjax.simulate import load_shape_tensor, load_tissue, simulate_to_file
 
-    try:
-        maps = load_tissue(tissue, atlas=atlas, wm=wm, gm=gm, csf=csf)
-        shape_tensor = None
-        if tensor is not None or fa is not None or peaks is not None:
-            shape_tensor = load_shape_tensor(maps, tensor=tensor, fa=fa, peaks=peaks,
-                                             anisotropy=anisotropy, method=tensor_method)
-        density_path, sidecar = simulate_to_file(
-            out, maps, dw=dw, rho=rho, days=days, ratio=ratio,
-            origin_mm=origin_mm, origin_vox=origin_vox, shape_tensor=shape_tensor,
-            progress=progress,
-        )
-    except (InputError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    maps = load_tissue(tissue, atlas=atlas, wm=wm, gm=gm, csf=csf)
+    shape_tensor = None
+    if tensor is not None or fa is not None or peaks is not None:
+        shape_tensor = load_shape_tensor(maps, tensor=tensor, fa=fa, peaks=peaks,
+                                         anisotropy=anisotropy, method=tensor_method)
+    density_path, sidecar = simulate_to_file(
+        out, maps, dw=dw, rho=rho, days=days, ratio=ratio,
+        origin_mm=origin_mm, origin_vox=origin_vox, shape_tensor=shape_tensor,
+        progress=progress,
+    )
     typer.echo(f"wrote {density_path}")
     typer.echo(f"wrote {sidecar}")
 
 
-@app.command()
+@_command()
 def fit(
     case_dir: Annotated[Path, typer.Argument(help="Case folder with seg (else t1c + flair, segmented), wm + gm (else the registered atlas).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
@@ -89,18 +126,14 @@ def fit(
     solver; writes density.nii.gz and params.json on the input grid. A case without seg is
     segmented from t1c + flair, one without wm/gm gets the atlas registered (tissue/)."""
     from growth.fit import FitConfig
-    from rtjax.errors import InputError
-    from rtjax.fit import fit_case_dir
+    from rtjax.pipeline.case import fit_case_dir
 
     overrides = {k: v for k, v in (("seg", seg), ("wm", wm), ("gm", gm), ("edema", edema)) if v}
-    try:
-        result, paths = fit_case_dir(
-            case_dir, out, labels=labels, ignore_labels=ignore_labels or (),
-            overrides=overrides, initial=start, weights=weights, progress=progress,
-            config=FitConfig(max_iterations=iterations),
-        )
-    except (InputError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    result, paths = fit_case_dir(
+        case_dir, out, labels=labels, ignore_labels=ignore_labels or (),
+        overrides=overrides, initial=start, weights=weights, progress=progress,
+        config=FitConfig(max_iterations=iterations),
+    )
     info = result.info
     typer.echo(f"Dice of the re-simulated core {info['dice_core']:.3f}, edema {info['dice_edema']:.3f}; "
                f"sqrt(Dw T) = {info['scaled_parameters']['sqrt_dw_t_mm']:.2f} mm, "
@@ -122,7 +155,7 @@ _RUN_HELP = {
 
 def _run_options(config, **given):
     """Resolve --config and the command line into run_case keyword arguments."""
-    from rtjax.pipeline import resolve_options
+    from rtjax.pipeline.options import resolve_options
 
     options = resolve_options(config, **given)
     return {"labels": options["labels"], "ignore_labels": tuple(options["ignore_labels"]),
@@ -130,7 +163,7 @@ def _run_options(config, **given):
             "fit_iterations": options["iterations"]}
 
 
-@app.command()
+@_command()
 def run(
     case_dir: Annotated[Path, typer.Argument(help="Case folder with seg (else t1c + flair, segmented), wm + gm (else the registered atlas) [brain_mask, recurrence, t1c, flair].")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (written via OUT.partial, then renamed).")],
@@ -145,15 +178,11 @@ def run(
     """The whole pipeline for one case: segmentation (if no seg), atlas tissue (if no wm/gm),
     fit, density, standard and iso-volumetric model CTVs, recurrence coverage when a
     recurrence is given, and a report figure, all on the input grid."""
-    from rtjax.errors import InputError
-    from rtjax.pipeline import run_case
+    from rtjax.pipeline.case import run_case
 
-    try:
-        options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
-                               margin_mm=margin_mm, start=start, iterations=iterations)
-        summary = run_case(case_dir, out, progress=progress, **options)
-    except (InputError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
+                           margin_mm=margin_mm, start=start, iterations=iterations)
+    summary = run_case(case_dir, out, progress=progress, **options)
     typer.echo(f"standard CTV {summary['standard_volume_ml']:.1f} mL, model CTV "
                f"{summary['model_volume_ml']:.1f} mL (density >= {summary['cutoff']:.4g})")
     if summary["coverage"]:
@@ -164,7 +193,7 @@ def run(
         typer.echo(f"wrote {out / name}")
 
 
-@app.command()
+@_command()
 def cohort(
     cohort_dir: Annotated[Path, typer.Argument(help="Folder of case folders (each as for `rtjax run`).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: one folder per case, summary.csv, errors.log, study figures.")],
@@ -181,15 +210,11 @@ def cohort(
     """Run every case of a cohort: resumable (finished cases are skipped, interrupted ones
     redone), a failing case is logged and the others go on; summary.csv and, with >= 2
     recurrences, the coverage study at the end. Exit code 1 when some case failed."""
-    from rtjax.errors import InputError
-    from rtjax.pipeline import run_cohort
+    from rtjax.pipeline.cohort import run_cohort
 
-    try:
-        options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
-                               margin_mm=margin_mm, start=start, iterations=iterations)
-        result = run_cohort(cohort_dir, out, shard=shard, jobs=jobs, progress=progress, **options)
-    except (InputError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
+                           margin_mm=margin_mm, start=start, iterations=iterations)
+    result = run_cohort(cohort_dir, out, shard=shard, jobs=jobs, progress=progress, **options)
     typer.echo(f"{len(result.processed) + len(result.skipped)} done "
                f"({len(result.processed)} run now, {len(result.skipped)} already done), "
                f"{len(result.failed)} failed")
@@ -201,7 +226,7 @@ def cohort(
         raise typer.Exit(code=1)
 
 
-@app.command()
+@_command()
 def benchmark(
     quick: Annotated[bool, typer.Option("--quick", help="Small grids, for a smoke run.")] = False,
     jax_steps: Annotated[int, typer.Option("--jax-steps", help="Time steps per JAX run.")] = 100,
@@ -211,32 +236,29 @@ def benchmark(
     """Print the FK solver's throughput beside a plain-NumPy version of the same scheme."""
     import jax
 
-    from rtjax.benchmark import benchmark_solver, format_table
+    from rtjax.experiments.benchmark import benchmark_solver, format_table
 
     rows = benchmark_solver(jax_steps=jax_steps, numpy_steps=numpy_steps, batch=batch, quick=quick)
     device = f"{jax.default_backend()} ({jax.devices()[0].device_kind}, {jax.device_count()} device(s))"
     typer.echo(format_table(rows, device))
 
 
-@app.command()
+@_command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("rtjax_demo"),
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML overriding the demo patient (see configs/demo.yaml).")] = None,
 ) -> None:
     """The whole pipeline on a built-in synthetic patient grown in the MNI152 atlas: tumour,
     recurrence after resection, fit, standard and model CTVs, coverage (CPU, a minute or two)."""
-    from rtjax.demo import demo_summary, load_patient_config, run_demo
+    from rtjax.experiments.demo import demo_summary, load_patient_config, run_demo
 
-    try:
-        patient = load_patient_config(config) if config else None
-    except (ValueError, OSError) as err:
-        _fail(str(err))
+    patient = load_patient_config(config) if config else None
     for path in run_demo(out, patient):
         typer.echo(f"wrote {path}")
     typer.echo(demo_summary(out))
 
 
-@app.command()
+@_command()
 def tissue(
     case_dir: Annotated[Path, typer.Argument(help="Case folder: t1 or t1c (else only brain_mask: registered by its outline) [seg, brain_mask], or its own wm, gm [csf].")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
@@ -247,19 +269,15 @@ def tissue(
     cost; writes wm, gm, csf, brain_mask (.nii.gz, input grid), tissue.png and tissue.json.
     A rerun reuses them."""
     from rtjax.anatomy import case_tissue
-    from rtjax.errors import InputError
 
-    try:
-        result = case_tissue(case_dir, out, deformable=deformable, log=typer.echo)
-    except (InputError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    result = case_tissue(case_dir, out, deformable=deformable, log=typer.echo)
     typer.echo(f"tissue from the {result.info['source']}; tumour masked from the cost: "
                f"{result.info['tumour_masked']}")
     for name in ("wm.nii.gz", "gm.nii.gz", "csf.nii.gz", "brain_mask.nii.gz", "tissue.png", "tissue.json"):
         typer.echo(f"wrote {out / name}")
 
 
-@app.command("train-seg")
+@_command("train-seg")
 def train_seg(
     config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/seg_cpu.yaml.")],
     workdir: Annotated[Path, typer.Option("--workdir", help="Checkpoints, bank, leave-one-out results, weights/.")],
@@ -274,17 +292,33 @@ def train_seg(
     from rtjax.seg.config import load_config
     from rtjax.seg.train import train_and_evaluate
 
-    try:
-        cfg = load_config(config)
-    except (ValueError, OSError) as err:
-        _fail(str(err))
+    cfg = load_config(config)
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data)))
     result = train_and_evaluate(cfg, workdir, max_seconds=max_seconds)
     typer.echo(f"wrote {result['weights']}")
 
 
-@app.command()
+@_command("train-inverse")
+def train_inverse(
+    config: Annotated[Path, typer.Argument(help="YAML config of overrides, e.g. configs/inverse_cpu.yaml.")],
+    workdir: Annotated[Path, typer.Option("--workdir", help="Simulated data, checkpoints, weights/.")],
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="Wall-clock budget, s (overrides train.max_seconds).")] = None,
+) -> None:
+    """Train the inverse model (masks -> growth parameters) on simulations it generates:
+    resumes from WORKDIR's checkpoints, validates on held-out simulations and writes
+    WORKDIR/weights (the shipped layout; use it with --weights)."""
+    from rtjax.inverse.config import load_config, with_budget
+    from rtjax.inverse.train import train_and_evaluate
+
+    cfg = load_config(config)
+    if max_seconds is not None:
+        cfg = with_budget(cfg, max_seconds)
+    result = train_and_evaluate(cfg, workdir)
+    typer.echo(f"wrote {result['weights']} ({result['step']} steps, stopped by {result['stopped_by']})")
+
+
+@_command()
 def segment(
     case_dir: Annotated[Path, typer.Argument(help="Case folder with t1c and flair (BraTS 2021/2023 names accepted).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
@@ -294,17 +328,13 @@ def segment(
 ) -> None:
     """Segment necrosis, enhancing tumour and edema from T1c + FLAIR; writes
     segmentation.nii.gz (uint8, on the input grid) and volumes in mL."""
-    from rtjax.errors import InputError
     from rtjax.labels import get_convention, split_labels
     from rtjax.seg.infer import segment_case, write_segmentation
 
     if labels.lower() not in ("brats2021", "brats2023"):
         _fail(f"--labels must be brats2021 or brats2023, got {labels!r}")
-    try:
-        label_array, unc, ref = segment_case(case_dir, weights=weights, labels=labels, uncertainty=uncertainty)
-        paths = write_segmentation(out, label_array, unc, ref)
-    except (InputError, FileNotFoundError) as err:
-        _fail(str(err))
+    label_array, unc, ref = segment_case(case_dir, weights=weights, labels=labels, uncertainty=uncertainty)
+    paths = write_segmentation(out, label_array, unc, ref)
     masks = split_labels(label_array, get_convention(labels))
     ml = ref.voxel_volume_ml
     for path in paths:
@@ -313,7 +343,7 @@ def segment(
                f"edema {masks.edema.sum() * ml:.1f}, whole tumour {masks.whole.sum() * ml:.1f}")
 
 
-@app.command()
+@_command()
 def version() -> None:
     """Print the rtjax, JAX and device versions."""
     from rtjax.provenance import run_metadata

@@ -33,6 +33,7 @@ from functools import cached_property
 from typing import Literal
 
 import numpy as np
+import skfmm
 from scipy import ndimage
 
 __all__ = [
@@ -225,7 +226,6 @@ def _fast_marching_distance(
     """Fast-marching (scikit-fmm, 2nd order) distance (mm) from core voxel centres, inside
     ``domain`` only; ``inf`` outside the domain, where unreachable, or beyond
     ``max_distance_mm`` (+2 voxels)."""
-    import skfmm
 
     phi = np.where(core, 0.0, 1.0)  # exact zeros: the core voxel centres are the front
     barrier = ~(domain | core)

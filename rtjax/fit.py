@@ -17,9 +17,25 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from scipy.ndimage import distance_transform_edt
+from tqdm import tqdm
 
+from growth import Grid, visible_masks
+from growth.fit import (
+    FitBounds,
+    FitConfig,
+    FitEstimate,
+    heuristic_estimate,
+    make_fit_simulator,
+    refine,
+    simulate_adaptive,
+)
+from rtjax.inverse.predict import predict
+from rtjax.io import bounding_box
 from rtjax.labels import TumourMasks
+from rtjax.metrics import dice
 
 __all__ = [
     "CaseFit",
@@ -28,8 +44,6 @@ __all__ = [
     "block_average",
     "network_estimate",
     "fit_case",
-    "load_segmented_case",
-    "fit_case_dir",
 ]
 
 
@@ -53,8 +67,6 @@ def fill_lesion_tissue(wm: np.ndarray, gm: np.ndarray, lesion: np.ndarray):
 
     Returns wm, gm and the number of voxels filled.
     """
-    from scipy.ndimage import distance_transform_edt
-
     empty = lesion & (wm + gm <= 0)
     if not empty.any():
         return wm, gm, 0
@@ -70,8 +82,6 @@ def fill_lesion_tissue(wm: np.ndarray, gm: np.ndarray, lesion: np.ndarray):
 
 def tumour_box(whole: np.ndarray, spacing, margin_mm: float) -> tuple[slice, ...]:
     """Bounding box of the visible tumour grown by `margin_mm` per side, within the grid."""
-    from rtjax.io import bounding_box
-
     return bounding_box(whole, pad=np.ceil(margin_mm / np.asarray(spacing, float)).astype(int))
 
 
@@ -88,11 +98,6 @@ def block_average(array: np.ndarray, factors) -> np.ndarray:
 def network_estimate(core, edema, wm, gm, spacing, box, factors, weights=None):
     """The inverse network's estimate (full-grid arrays) as a `FitEstimate` on the working
     grid of `box` / `factors`, and the raw prediction (for params.json)."""
-    import jax.numpy as jnp
-
-    from growth.fit import FitEstimate
-    from rtjax.inverse_model import predict
-
     raw = predict(core, edema, wm, gm, spacing, weights=weights)
     full_vox = np.asarray(raw["origin_mm"], float) / np.asarray(spacing, float)
     corner = np.array([s.start for s in box], float)
@@ -135,19 +140,6 @@ def fit_case(
         assumed_days: only Dw*T and rho*T are identifiable; Dw and rho are also reported
             for this T (days).
     """
-    import jax.numpy as jnp
-
-    from growth import Grid, visible_masks
-    from growth.fit import (
-        FitBounds,
-        FitConfig,
-        dice,
-        heuristic_estimate,
-        make_fit_simulator,
-        refine,
-        simulate_adaptive,
-    )
-
     start = time.perf_counter()
     config = config or FitConfig()
     core, edema = masks.core, masks.edema
@@ -258,8 +250,6 @@ def _box_edge_max(density: np.ndarray, box, shape) -> float:
 def _progress_bar(config, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=config.max_iterations, desc="fit", unit="it")
 
 
@@ -270,146 +260,3 @@ def _plain(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
-
-
-#: How each optional file of a segmented case is read.
-_CASE_KINDS = {"wm": "probability", "gm": "probability", "brain_mask": "mask",
-               "recurrence": "mask", "t1c": "intensity", "flair": "intensity"}
-
-
-def load_segmented_case(
-    case_dir, *, labels: str, ignore_labels=(), overrides=None, extras=tuple(_CASE_KINDS),
-    atlas_tissue_dirs=(), segment_missing: bool = False,
-):
-    """Load a case folder that has `seg`, `wm` and `gm` (and those of `extras` among
-    brain_mask, recurrence, t1c, flair that it has), all validated on one grid. An `edema` override gives the edema as a
-    separate mask (TUM/Lipkova data), a bare file name being taken in the case folder.
-    A case with neither `wm` nor `gm` gets the MNI152 atlas registered to it
-    (`rtjax.anatomy.case_tissue`, written to `atlas_tissue_dirs[0]`, reused from any of
-    them), with a warning and `files["tissue"]` naming its tissue.json.
-    A case without `seg` is segmented from its `t1c` and `flair` by the segmentation
-    network (`rtjax.seg.infer.segment_case`, the shipped weights) when `segment_missing`
-    is set, with a warning; its masks are then on the T1c grid (the T1c, loaded once,
-    is also `images["t1c"]`) and `files["seg"]` reads "rtjax.seg <weights version>".
-
-    Returns (files, convention, masks, images), images keyed by name with "seg" the
-    reference grid.
-
-    Raises:
-        InputError: a missing `seg`, a missing tissue map without `atlas_tissue_dirs`,
-            unknown labels, or images on different grids, naming the file or folder.
-    """
-    from pathlib import Path
-
-    from rtjax.errors import InputError
-    from rtjax.io import check_same_grid, find_case_files, load_image, load_tumour_masks
-    from rtjax.labels import get_convention
-
-    overrides = dict(overrides or {})
-    edema_path = overrides.pop("edema", None)
-    files = find_case_files(case_dir, overrides=overrides)
-    segment = "seg" not in files
-    if segment and not (segment_missing and {"t1c", "flair"} <= set(files)):
-        need = "" if not segment_missing else ", or t1c and flair to segment"
-        raise InputError(case_dir, "no tumour segmentation 'seg' (seg.nii[.gz], *_seg or "
-                         f"*-seg){need}; found {sorted(files) or 'no images'}")
-    missing = [n for n in ("wm", "gm") if n not in files]
-    if len(missing) == 1 or (missing and not atlas_tissue_dirs):
-        names = " and ".join(f"{n}.nii.gz" for n in missing)
-        atlas = ", or neither for the MNI152 atlas registered to the case" if atlas_tissue_dirs else ""
-        raise InputError(case_dir, f"no tissue map(s) {missing}: give both wm and gm{atlas}; "
-                         f"provide {names}")
-    convention = get_convention(labels)
-    if segment:
-        masks, reference, files["seg"] = _segment_case(case_dir, overrides)
-        if convention.name not in ("brats2021", "brats2023"):
-            convention = get_convention("brats2021")
-        images = {"seg": reference, "t1c": reference}
-    else:
-        masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
-        images = {"seg": reference}
-    wanted = {"wm", "gm", *extras}
-    images.update({n: load_image(files[n], kind=k) for n, k in _CASE_KINDS.items()
-                   if n in files and n in wanted and n not in images})
-    if edema_path is not None:
-        edema_path = Path(edema_path)
-        if not edema_path.is_absolute() and edema_path.parent == Path("."):
-            edema_path = Path(case_dir) / edema_path
-        images["edema"] = load_image(edema_path, kind="mask")
-        files["edema"] = edema_path
-        masks = TumourMasks(necrosis=masks.necrosis, enhancing=masks.enhancing,
-                            edema=images["edema"].data & ~masks.core)
-    if missing:
-        from rtjax.anatomy import case_tissue
-
-        tissue = case_tissue(case_dir, atlas_tissue_dirs[0], lesion=masks.whole,
-                             overrides=overrides, reuse_dirs=atlas_tissue_dirs[1:])
-        files["tissue"] = Path(Path(atlas_tissue_dirs[0]).name, "tissue.json")
-        warnings.warn(f"{case_dir}: no wm/gm maps; using the MNI152 atlas registered to the "
-                      f"case ({tissue.info['method']}), see {files['tissue']}", stacklevel=2)
-        images.update(wm=tissue.wm, gm=tissue.gm)
-    check_same_grid(images)
-    return files, convention, masks, images
-
-
-def _segment_case(case_dir, overrides):
-    """(masks, T1c image, description) from the shipped segmentation network, with a warning."""
-    from rtjax.labels import get_convention, split_labels
-    from rtjax.seg.infer import load_weights, segment_case
-
-    seg_weights = load_weights()
-    convention = get_convention("brats2021")
-    label_array, _, reference = segment_case(case_dir, weights=seg_weights, labels=convention.name,
-                                             overrides=overrides)
-    source = f"rtjax.seg {seg_weights.version}"
-    warnings.warn(f"{case_dir}: no seg; segmented from t1c and flair by {source} "
-                  "(check the masks in segmentation.nii.gz)", stacklevel=3)
-    return split_labels(label_array, convention), reference, source
-
-
-def fit_case_dir(
-    case_dir,
-    out_dir,
-    *,
-    labels: str,
-    ignore_labels=(),
-    overrides=None,
-    initial="network",
-    progress: bool = True,
-    **fit_options,
-):
-    """Fit one case folder (its `seg`, `wm`, `gm`; `overrides` names other files, and an
-    `edema` override gives the edema as a separate mask, as in TUM/Lipkova data) and write
-    `density.nii.gz` and `params.json` into `out_dir`; returns (CaseFit, paths).
-    """
-    from pathlib import Path
-
-    from rtjax.errors import InputError
-    from rtjax.io import save_image
-    from rtjax.provenance import run_metadata, write_json_atomic
-
-    files, convention, masks, images = load_segmented_case(
-        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides, extras=(),
-        atlas_tissue_dirs=(Path(out_dir) / "tissue",), segment_missing=True)
-    reference = images["seg"]
-    if masks.is_empty():
-        raise InputError(files["seg"], "empty tumour: no core and no edema voxels to fit")
-    result = fit_case(masks, images["wm"].data, images["gm"].data, reference.spacing,
-                      initial=initial, progress=progress, **fit_options)
-    index = np.asarray(result.info["origin_canonical_voxel"], float)
-    world = reference.voxel_to_world(index)
-    file_vox = np.linalg.solve(reference.original_affine, np.append(world, 1.0))[:3]
-    result.info.update({
-        "origin_world_mm": np.round(world, 3).tolist(),
-        "origin_file_voxel": np.round(file_vox, 3).tolist(),
-        "labels": convention.name,
-        "ignored_labels": list(ignore_labels),
-        "inputs": {k: str(v) for k, v in files.items()},
-    })
-    out_dir = Path(out_dir)
-    paths = [
-        save_image(result.density, reference, out_dir / "density.nii.gz", kind="density"),
-        write_json_atomic(out_dir / "params.json", {**result.info, "loss_curve": result.loss_curve,
-                                                     **run_metadata()}),
-    ]
-    return result, paths

@@ -12,7 +12,6 @@ Every problem with an input file is one :class:`rtjax.errors.InputError` naming 
 from __future__ import annotations
 
 import os
-import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+from scipy.ndimage import map_coordinates
 
 from rtjax.errors import InputError
 from rtjax.labels import LabelConvention, TumourMasks, get_convention, split_labels
+from rtjax.provenance import atomic_write
 
 __all__ = [
     "bounding_box",
@@ -412,18 +413,15 @@ def _nifti_for(data: np.ndarray, reference: Image) -> nib.Nifti1Image:
 
 
 def _write_atomic(img: nib.Nifti1Image, path: Path, suffix: str) -> None:
-    """Write to a hidden temporary file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.name[: -len(suffix)]
-    tmp = path.with_name(f".{stem}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-    try:
+    """Write via :func:`rtjax.provenance.atomic_write` (a hidden temporary file beside
+    ``path``, fsynced, renamed over it, usual permissions)."""
+
+    def write(tmp: str) -> None:
         img.to_filename(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write, suffix=f".tmp{suffix}")
 
 
 def save_image(array: np.ndarray, reference: Image, path: PathLike, *, kind: str) -> Path:
@@ -694,7 +692,6 @@ def resample_image(source: Image, target: Image, *, order: int = 1, cval: float 
     """`source`'s data on `target`'s grid (canonical arrays), through the world coordinates
     of both affines: spline interpolation of the given order (0 nearest, 1 trilinear);
     `cval` outside the source's field of view."""
-    from scipy.ndimage import map_coordinates
 
     index = np.indices(target.shape, dtype=np.float64).reshape(3, -1).T
     world = _apply_affine(target.affine, index)

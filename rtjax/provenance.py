@@ -10,7 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["run_metadata", "atomic_write", "write_text_atomic", "write_json_atomic"]
+import jax
+
+from rtjax import __version__
+
+__all__ = ["run_metadata", "file_mode", "atomic_write", "write_text_atomic", "write_json_atomic"]
 
 
 def _git_revision() -> str | None:
@@ -27,9 +31,7 @@ def _git_revision() -> str | None:
 
 def run_metadata() -> dict[str, Any]:
     """Package versions, git revision (None outside a checkout), JAX backend and time."""
-    import jax
 
-    from rtjax import __version__
 
     return {
         "rtjax_version": __version__,
@@ -40,15 +42,38 @@ def run_metadata() -> dict[str, Any]:
     }
 
 
+def file_mode() -> int:
+    """The permission bits a plain new file gets here: 0o666 less the process umask
+    (0o644 with the usual umask 022), as `open()` would give it."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (setting and
+    restoring it would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path`` (hidden name ending in
-    ``suffix``), then rename it over ``path``; the temporary file never survives."""
+    ``suffix``), then rename it over ``path``; the temporary file never survives. The file
+    gets the usual permissions (:func:`file_mode`, umask-respecting), not the 0600 of a
+    temporary file, so that the rest of a research group can read the outputs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

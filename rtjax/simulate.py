@@ -7,10 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
+from growth import FKParams, FKSimulator, GaussianSeed, Grid, tumour_tensor
+from growth.anisotropic import AnisotropicFKSimulator
+from rtjax.atlas import atlas_tissue_paths
 from rtjax.errors import InputError
 from rtjax.io import Image, bounding_box, check_same_grid, find_case_files, load_image, save_image
+from rtjax.provenance import run_metadata, write_json_atomic
+from rtjax.tensor_io import load_tensor_fa_peaks, load_tensor_fsl, resample_tensor
 
 __all__ = [
     "Tissue",
@@ -61,7 +67,6 @@ def load_tissue(
     if atlas is not None:
         if case_dir is not None or wm is not None or gm is not None:
             raise ValueError("give either an atlas or a case folder / explicit --wm --gm, not both")
-        from rtjax.atlas import atlas_tissue_paths
 
         files = {k: Path(v) for k, v in atlas_tissue_paths(atlas).items()}
         sources = {k: f"atlas:{atlas}" for k in files}
@@ -152,8 +157,6 @@ def load_shape_tensor(
 
     Voxels outside the DTI field of view get the identity (isotropic growth).
     """
-    from growth import tumour_tensor
-    from rtjax.tensor_io import load_tensor_fa_peaks, load_tensor_fsl, resample_tensor
 
     if (tensor is None) == (fa is None and peaks is None):
         raise ValueError("give either --tensor FILE or both --fa FILE and --peaks FILE")
@@ -185,8 +188,6 @@ def box_simulator(tissue: Tissue, *, dw_max: float, t_max: float,
 
     Returns (sim, box): the simulator on the cropped grid and the box's slices.
     """
-    from growth import FKSimulator, Grid
-    from growth.anisotropic import AnisotropicFKSimulator
 
     wm, gm = tissue.wm.data, tissue.gm.data
     box = bounding_box(wm + gm > 0, pad=1)
@@ -226,9 +227,7 @@ def simulate_density(
         shape_tensor: anisotropic growth along fibres (`load_shape_tensor`); isotropic
             if None.
     """
-    import jax.numpy as jnp
 
-    from growth import FKParams, GaussianSeed
 
     for name, value, low in (("dw", dw, 0.0), ("rho", rho, 0.0), ("days", days, 0.0)):
         if not np.isfinite(value) or value < low:
@@ -284,7 +283,6 @@ def simulate_density(
 def simulate_to_file(out: str | Path, tissue: Tissue, **kwargs) -> tuple[Path, Path]:
     """Run `simulate_density` and write the density on the tissue's grid plus a JSON
     sidecar (parameters, timings, versions); returns both paths."""
-    from rtjax.provenance import run_metadata, write_json_atomic
 
     out = Path(out)
     if not (out.name.endswith(".nii") or out.name.endswith(".nii.gz")):

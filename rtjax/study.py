@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from rtjax.ctv import (
     CTVFamily,
@@ -31,7 +32,8 @@ from rtjax.ctv import (
     margin_family,
     standard_ctv,
 )
-from rtjax.provenance import atomic_write, write_text_atomic
+from rtjax.plotting import headless_pyplot, save_figure
+from rtjax.provenance import write_text_atomic
 
 __all__ = [
     "COVERAGE_LEVELS",
@@ -48,8 +50,6 @@ __all__ = [
     "plot_coverage_curves",
     "smallest_volume_for_coverage",
     "write_cohort_csv",
-    "save_figure",
-    "headless_pyplot",
 ]
 
 COVERAGE_LEVELS = (0.95, 1.0)
@@ -327,7 +327,6 @@ def paired_test(cases: Iterable[CaseCoverage]) -> PairedTest:
     Degenerate cohorts give a result, not an error: fewer than 2 cases, or no non-zero
     difference, return NaN statistic and p-value with a ``note`` saying why.
     """
-    from scipy import stats
 
     cases = list(cases)
     model = np.array([c.model_coverage for c in cases], dtype=np.float64)
@@ -347,30 +346,6 @@ def paired_test(cases: Iterable[CaseCoverage]) -> PairedTest:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Save a matplotlib figure atomically at 110 dpi (format from the suffix, PNG by
-    default) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    suffix = path.suffix or ".png"
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=suffix[1:]),
-                            suffix)
-    finally:
-        plt.close(fig)
-
-
-def headless_pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_coverage_curves(

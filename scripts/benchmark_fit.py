@@ -4,14 +4,17 @@ the Lipkova patient (256^3, 1 mm) and a few held-out simulated cases.
     python scripts/benchmark_fit.py [N_SIMULATED] [OUT_JSON]
 """
 
-import sys
+import argparse
 
-from rtjax.fit_evaluation import benchmark_fit, format_benchmark_table
+from rtjax.experiments.fit_evaluation import benchmark_fit, format_benchmark_table
 from rtjax.provenance import run_metadata, write_json_atomic
 
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    rows = benchmark_fit(n_simulated=n)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("n_simulated", type=int, nargs="?", default=2, help="simulated cases")
+    parser.add_argument("out_json", nargs="?", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    rows = benchmark_fit(n_simulated=args.n_simulated)
     print(format_benchmark_table(rows))
-    if len(sys.argv) > 2:
-        write_json_atomic(sys.argv[2], {"cases": rows, **run_metadata()})
+    if args.out_json:
+        write_json_atomic(args.out_json, {"cases": rows, **run_metadata()})

@@ -9,7 +9,7 @@ table and a figure (see rtjax.cohort_study). Resumable: rerun the same command.
 
 import argparse
 
-from rtjax.cohort_study import format_study_table, run_cohort_study
+from rtjax.experiments.cohort_study import format_study_table, run_cohort_study
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

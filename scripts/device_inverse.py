@@ -6,9 +6,9 @@ On the H100 (from the repository root; the job keeps to --budget-s, a hard cap):
 
 CPU rehearsal of the same code path with the tiny config (`configs/inverse_tiny.yaml`):
 
-    PYTHONPATH=. /work/venv/bin/python scripts/device_inverse.py --tiny --budget-s 150 --out /tmp/device_tiny
+    python scripts/device_inverse.py --tiny --budget-s 150 --out /tmp/device_tiny
 
-Budget split (`rtjax.inverse_model.device_job`): 72 % of --budget-s less 5 s for
+Budget split (`rtjax.jobs.inverse.device_job`): 72 % of --budget-s less 5 s for
 `train_and_evaluate` (data generation up to 30 % of that, training, then 25 s kept for the
 validation and the export), the rest for timing network + refinement on held-out cases;
 a watchdog thread ends the process at --budget-s whatever it is doing (exit code 3).
@@ -18,53 +18,31 @@ Writes into --out: `inverse_weights.tar.gz` (one folder `inverse/`, the layout o
 `inverse_metrics.json` (validation metrics and loss curve, data-generation throughput,
 network + refinement seconds per held-out case), rewritten after every stage. The training
 data and checkpoints go to --workdir (default: a temporary folder). See
-`rtjax.inverse_model.device_job`.
+`rtjax.jobs.inverse.device_job`.
 """
 
 import argparse
-import os
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 STARTED = time.perf_counter()
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
+from rtjax.jobs.inverse import run_device_job  # noqa: E402 (after the clock starts)
 
-def _hard_stop():
-    """The watchdog at --budget-s: leave at once, even inside a running JAX computation
-    (the outputs written so far are complete files, each written atomically)."""
-    print("[job] hard cap: the time budget is spent; the outputs written so far stay", flush=True)
-    os._exit(3)
-
-
-def main(argv=None) -> int:
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, required=True, help="wall-clock budget, s")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "inverse_h100.yaml")
+    parser.add_argument("--config", type=Path, default=CONFIGS / "inverse_h100.yaml")
     parser.add_argument("--tiny", action="store_true", help="use configs/inverse_tiny.yaml")
     parser.add_argument("--workdir", type=Path, default=None, help="data and checkpoints")
     parser.add_argument("--fit-cases", type=int, default=8, help="held-out cases to time")
     parser.add_argument("--fit-iterations", type=int, default=None,
                         help="refinement iterations (default: growth.fit.FitConfig's)")
-    args = parser.parse_args(argv)
-
-    from rtjax.inverse_model import device_job, load_config
-
-    config = load_config(ROOT / "configs" / "inverse_tiny.yaml" if args.tiny else args.config)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="inverse_job_"))
-    watchdog = threading.Timer(args.budget_s - (time.perf_counter() - STARTED), _hard_stop)
-    watchdog.daemon = True
-    watchdog.start()
-    device_job(config, args.budget_s, args.out, workdir=workdir, fit_cases=args.fit_cases,
-               fit_iterations=args.fit_iterations, started=STARTED)
-    watchdog.cancel()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    args = parser.parse_args()
+    run_device_job(CONFIGS / "inverse_tiny.yaml" if args.tiny else args.config, args.budget_s,
+                   args.out, workdir=args.workdir, fit_cases=args.fit_cases,
+                   fit_iterations=args.fit_iterations, started=STARTED)
+    sys.exit(0)

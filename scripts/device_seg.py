@@ -12,7 +12,7 @@ and the run moves on. Progress is printed with flush.
 
 Invocation on the H100 (data copied to .devdata/ with brats2015/ and tcga/ inside):
 
-    PYTHONUNBUFFERED=1 python scripts/device_seg.py --budget-s 270 --data .devdata \
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python scripts/device_seg.py --budget-s 270 --data .devdata \
         --out $OUT --workdir /tmp/seg_work
 
 (default --config configs/seg_h100.yaml). CPU smoke test of the same code path:
@@ -24,14 +24,9 @@ with --budget-s 250 finished in 229 s, --tiny --budget-s 70 in 74 s).
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-try:
-    import rtjax  # noqa: F401
-except ImportError:  # a bare checkout (the GPU box): import the packages from the repo
-    sys.path.insert(0, str(ROOT))
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

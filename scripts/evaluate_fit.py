@@ -9,7 +9,7 @@ RTJAX_DATA or ../shared/data) and fits it with the isotropic model, as usual.
 
 import argparse
 
-from rtjax.fit_evaluation import evaluate_fit, format_fit_table
+from rtjax.experiments.fit_evaluation import evaluate_fit, format_fit_table
 from rtjax.provenance import run_metadata, write_json_atomic
 
 if __name__ == "__main__":

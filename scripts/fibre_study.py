@@ -4,13 +4,15 @@ tract on the TractSeg DTI; prints the along/across-fibre spread and writes a fig
     python scripts/fibre_study.py [OUT_DIR]      (data from RTJAX_DATA or ../shared/data)
 """
 
-import sys
+import argparse
 
 from rtjax.data import data_root
-from rtjax.fibre_study import run_fibre_study
+from rtjax.experiments.fibre_study import run_fibre_study
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "fibre_study"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="fibre_study", help="output folder")
+    out = parser.parse_args().out_dir
     for run in run_fibre_study(data_root(), out):
         print(f"{run.tract:22s} spread along/across fibre: isotropic {run.ratio_isotropic:.2f}, "
               f"anisotropic {run.ratio_anisotropic:.2f} ({run.stencil_offsets} stencil offsets)")

@@ -14,12 +14,12 @@ from rtjax.anatomy import (
     ants_affine_to_ras,
     case_tissue,
     from_ants,
-    load_mni152,
     normalise_tissue,
     register_atlas,
     registration_intensity,
     to_ants,
 )
+from rtjax.atlas import load_atlas
 from rtjax.cli import app
 from rtjax.errors import InputError
 from rtjax.io import Image, load_image
@@ -64,7 +64,7 @@ def _block_mean(image: Image, factor: int) -> Image:
 @pytest.fixture(scope="module")
 def small_atlas():
     """The MNI152 atlas at 4 mm (49x58x47)."""
-    return {name: _block_mean(img, 4) for name, img in load_mni152().items()}
+    return {name: _block_mean(img, 4) for name, img in load_atlas().images().items()}
 
 
 # --------------------------------------------------------------------------- geometry
@@ -349,7 +349,7 @@ def test_case_with_only_a_brain_mask_is_registered_by_its_outline(tmp_path, smal
 
 def test_fit_loader_falls_back_to_the_atlas_and_caches_it(tmp_path, small_atlas, monkeypatch):
     import rtjax.anatomy
-    from rtjax.fit import load_segmented_case
+    from rtjax.pipeline.inputs import load_segmented_case
 
     affine_only = functools.partial(rtjax.anatomy.case_tissue, deformable=False)
     monkeypatch.setattr(rtjax.anatomy, "case_tissue", affine_only)

@@ -1,4 +1,4 @@
-"""The synthetic cohort study (rtjax.cohort_study) on a tiny grid: the MNI152 atlas
+"""The synthetic cohort study (rtjax.experiments.cohort_study) on a tiny grid: the MNI152 atlas
 block-averaged to 8 mm (25 x 30 x 24 voxels), two patients grown along the TractSeg DTI,
 fitted by the pipeline with a short heuristic-start refinement."""
 
@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from rtjax.cohort_study import (
+from rtjax.experiments.cohort_study import (
     FAMILIES,
     downsample_image,
     relative_coverage,

@@ -10,9 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from rtjax.atlas import atlas_tissue_paths
-from rtjax.benchmark import benchmark_solver, format_table
+from rtjax.experiments.benchmark import benchmark_solver, format_table
 from rtjax.cli import app
-from rtjax.demo import DEMO_PATIENT, demo_summary, run_demo
+from rtjax.experiments.demo import DEMO_PATIENT, demo_summary, run_demo
 from rtjax.metrics import dice
 
 REPO = Path(__file__).resolve().parent.parent

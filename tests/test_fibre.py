@@ -7,7 +7,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from rtjax.cli import app
-from rtjax.fibre_study import run_fibre_study, spread_along_fibre
+from rtjax.experiments.fibre_study import run_fibre_study, spread_along_fibre
 
 
 def test_spread_ratio_of_an_analytic_ellipsoid():

@@ -163,7 +163,7 @@ def test_fit_command_writes_density_and_params(synthetic_case, tmp_path):
 
 
 def test_held_out_evaluation_reports_network_and_refined_rows():
-    from rtjax.fit_evaluation import LEVELS, evaluate_fit, format_fit_table
+    from rtjax.experiments.fit_evaluation import LEVELS, evaluate_fit, format_fit_table
 
     result = evaluate_fit(1, iterations=3)
     (case,) = result["cases"]

@@ -10,30 +10,28 @@ from flax import nnx
 
 from growth.inverse import (
     GeneratorConfig,
-    NetConfig,
     SamplingRanges,
-    count_params,
-    create_ensemble,
     crop_around,
     draw_cases,
-    ensemble_apply,
     masks_to_inputs,
     simulate_anisotropic_cases,
     simulate_cases,
     threshold_inputs,
 )
-from rtjax.inverse_model import (
+from rtjax.inverse import (
     DEFAULT_WEIGHTS,
     InverseConfig,
+    NetConfig,
     TrainConfig,
     config_from_dict,
+    create_ensemble,
     export_weights,
-    learning_rate_factor,
     load_config,
     load_weights,
     predict,
-    train_and_evaluate,
 )
+from rtjax.inverse.train import train_and_evaluate
+from rtjax.ml import count_params, ensemble_apply, learning_rate_factor
 
 TINY_GEN = GeneratorConfig(
     sim_shape=24, sim_spacing=2.0, net_shape=16, net_spacing=2.0,

@@ -113,8 +113,8 @@ def test_tiny_model_overfits_a_synthetic_case():
 
 
 def test_checkpoint_round_trip(tmp_path, cfg, tiny_weights, phantom):
-    from rtjax.inverse_model import checkpoint_manager
-    from rtjax.seg.train import _optimizer, _restore, _save, export_weights
+    from rtjax.ml import TrainCheckpoints
+    from rtjax.seg.train import _optimizer, export_weights
 
     params = tiny_weights.params
     out = export_weights(params, cfg, {"note": "test"}, tmp_path / "w")
@@ -126,10 +126,10 @@ def test_checkpoint_round_trip(tmp_path, cfg, tiny_weights, phantom):
     # a training checkpoint (parameters + optimiser state) restores exactly
     opt_state = _optimizer(cfg).init(params)
     opt_state = jax.tree.map(lambda v: v + 1.0 if jnp.issubdtype(v.dtype, jnp.floating) else v, opt_state)
-    manager = checkpoint_manager(tmp_path / "ckpt", cfg.train)
-    _save(manager, 3, params, opt_state)
+    manager = TrainCheckpoints(tmp_path / "ckpt", cfg.train.keep_checkpoints)
+    manager.save(3, params, opt_state)
     blank = jax.tree.map(jnp.zeros_like, params)
-    p2, o2 = _restore(manager, manager.latest_step(), blank, _optimizer(cfg).init(blank))
+    p2, o2 = manager.restore(manager.latest_step(), blank, _optimizer(cfg).init(blank))
     manager.close()
     for a, b in zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves((p2, o2))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

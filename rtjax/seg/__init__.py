@@ -9,7 +9,14 @@
 * `rtjax.seg.device`: the one-job accelerator run behind `scripts/device_seg.py`.
 """
 
-from rtjax.seg.infer import DEFAULT_WEIGHTS, SegWeights, load_weights, segment_arrays, segment_case, write_segmentation
+from rtjax.seg.infer import (
+    DEFAULT_WEIGHTS,
+    SegWeights,
+    load_weights,
+    segment_arrays,
+    segment_case,
+    write_segmentation,
+)
 from rtjax.seg.model import REGIONS, UNet, UNetConfig, normalise
 from rtjax.seg.synth import render_case
 

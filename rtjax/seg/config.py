@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from growth.inverse import GeneratorConfig
-from rtjax.inverse_model import check_config_keys
-from rtjax.inverse_model import config_to_dict as _plain_config
+from rtjax.config import from_dict, to_dict
+from rtjax.config import load_config as _load_config
 from rtjax.seg.model import UNetConfig
 from rtjax.seg.synth import RenderConfig
 
@@ -164,45 +164,22 @@ class SegConfig:
     infer: InferConfig = field(default_factory=InferConfig)
 
     def __post_init__(self):
+        object.__setattr__(self, "version", str(self.version))
         d = self.model.divisor
         if self.render.patch % d or self.infer.patch % d:
             raise ValueError(f"render.patch and infer.patch must be multiples of {d}")
 
 
-def _tuples(data: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-
-
-def config_from_dict(data: dict) -> SegConfig:
-    """Build a `SegConfig` from a mapping; unknown keys are errors."""
-    data = dict(data or {})
-    check_config_keys(SegConfig, data, "config")
-    bank = dict(data.get("bank") or {})
-    check_config_keys(BankConfig, bank, "config.bank")
-    bank["generator"] = GeneratorConfig.from_dict(dict(bank.get("generator") or {}))
-    sections = {}
-    for name, cls in (("model", UNetConfig), ("render", RenderConfig), ("train", TrainConfig),
-                      ("data", DataConfig), ("infer", InferConfig)):
-        values = dict(data.get(name) or {})
-        check_config_keys(cls, values, f"config.{name}")
-        sections[name] = cls(**_tuples(values))
-    return SegConfig(version=str(data.get("version", "dev")), bank=BankConfig(**bank), **sections)
+def config_from_dict(data: dict | None, where: str = "config") -> SegConfig:
+    """Build a `SegConfig` from a mapping of overrides; unknown keys are errors."""
+    return from_dict(SegConfig, data, where)
 
 
 def config_to_dict(config: SegConfig) -> dict:
     """Plain (YAML-able) mapping of a config: tuples as lists, contrast tables as mappings."""
-    return {**_plain_config(config), "render": config.render.to_dict()}
+    return to_dict(config)
 
 
 def load_config(path: str | Path) -> SegConfig:
-    """Read a YAML segmentation config."""
-    import yaml
-
-    with open(path) as handle:
-        data = yaml.safe_load(handle) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping")
-    try:
-        return config_from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from err
+    """Read a YAML segmentation config (overrides of the defaults); errors name the file."""
+    return _load_config(path, SegConfig)

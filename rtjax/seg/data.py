@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rtjax.data import DataNotFoundError, data_root
+from rtjax.io import check_same_grid, load_image, load_tumour_masks
 from rtjax.labels import TumourMasks
 from rtjax.seg.model import masks_to_regions, normalise
 
@@ -70,7 +72,6 @@ def resolve_data_root(root: str | None) -> Path | None:
     if root is not None and str(root).lower() == "none":
         return None
     if root is None:
-        from rtjax.data import DataNotFoundError, data_root
 
         try:
             return data_root()
@@ -105,7 +106,6 @@ def find_real_cases(root: str | Path | None, sources=tuple(SOURCES)) -> list[tup
 
 def load_real_case(name: str, folder: Path, spec: CaseSpec) -> RealCase:
     """Load, check (one grid) and normalise one case."""
-    from rtjax.io import check_same_grid, load_image, load_tumour_masks
 
     images = {"t1c": load_image(_file(folder, spec.t1c)), "flair": load_image(_file(folder, spec.flair))}
     if spec.brain_mask:

@@ -14,7 +14,15 @@ import tarfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
+
+from rtjax.provenance import atomic_write, write_json_atomic
+from rtjax.seg.config import SegConfig, load_config
+from rtjax.seg.infer import load_weights, predict_regions, weights_from_model
+from rtjax.seg.model import count_params, create_ensemble
+from rtjax.seg.train import train_and_evaluate
 
 __all__ = ["BRATS_SHAPE", "device_run", "time_inference", "benchmark_table"]
 
@@ -27,7 +35,6 @@ def time_inference(weights, x=None, spacing=(1.0, 1.0, 1.0), *, repeats: int = 1
     """Seconds of `predict_regions` on a (240, 240, 155) case, without TTA: the first call
     (compilation included) and the best of `repeats` later calls (skipped past `deadline`).
     `x`: a normalised (X, Y, Z, 2) case; default a smooth random one."""
-    from rtjax.seg.infer import predict_regions
 
     if x is None:
         rng = np.random.default_rng(0)
@@ -50,12 +57,7 @@ def device_run(config, data: str | Path | None, out: str | Path, budget_s: float
                workdir: str | Path | None = None, progress: bool = True) -> dict:
     """Train within `budget_s` seconds of wall time (everything included) and write the
     results into `out` (see the module docstring). Returns the seg_metrics.json content."""
-    import jax
 
-    from rtjax.provenance import atomic_write, write_json_atomic
-    from rtjax.seg.config import SegConfig, load_config
-    from rtjax.seg.infer import load_weights
-    from rtjax.seg.train import train_and_evaluate
 
     t_start = time.perf_counter()
     end = t_start + float(budget_s)
@@ -106,12 +108,7 @@ def device_run(config, data: str | Path | None, out: str | Path, budget_s: float
 def benchmark_table(weights=None, configs=None, *, tta: bool = False, repeats: int = 1) -> str:
     """Markdown table of `time_inference` for weights folders (default: the shipped
     weights) and for untrained models of YAML configs."""
-    import jax
-    from flax import nnx
 
-    from rtjax.seg.config import load_config
-    from rtjax.seg.infer import load_weights, weights_from_model
-    from rtjax.seg.model import count_params, create_ensemble
 
     entries = []
     for path in weights or ([] if configs else [None]):

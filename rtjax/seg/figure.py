@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from rtjax.io import load_case, load_tumour_masks
+from rtjax.plotting import headless_pyplot
+
 __all__ = ["segmentation_figure"]
 
 
 def segmentation_figure(case_dir, seg_path, out_png, *, labels: str = "brats2021") -> Path:
     """Write a 2x3 PNG (T1c / FLAIR rows; axial, coronal, sagittal) with necrosis (blue),
     enhancing (red) and edema (green) outlines; volumes in mL in the title."""
-    from rtjax.io import load_case, load_tumour_masks
-    from rtjax.study import headless_pyplot
 
     plt = headless_pyplot()
 

@@ -2,7 +2,7 @@
 
 * `load_weights(path=None)`: the shipped weights (`rtjax/weights/seg`) or another
   weights folder (`params/` orbax, `config.yaml`), restored into an `nnx.eval_shape`
-  target as `rtjax.inverse_model.load_weights` does.
+  target (`rtjax.ml.restore_params`).
 * `sliding_window(fn, x, ...)`: windows of `patch^3` voxels with overlap, blended with
   Gaussian or linear weights; `batch` windows per call bound the memory.
 * `predict_regions(weights, x, spacing)`: WT/TC/ET probabilities (and the uncertainty) of
@@ -17,6 +17,7 @@ ensemble members and the TTA flips, maximum over the three regions (0 .. 0.5).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -24,9 +25,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from rtjax.seg.config import SegConfig
+from rtjax.io import load_case, save_image
+from rtjax.labels import combine_labels, get_convention
+from rtjax.ml import read_weights_config, restore_params
+from rtjax.seg.config import SegConfig, config_from_dict
+from rtjax.seg.model import (
+    brain_mask_from_images,
+    create_ensemble,
+    ensemble_logits,
+    keep_main_components,
+    normalise,
+    probs_to_masks,
+)
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -76,17 +91,12 @@ class SegWeights:
 @functools.cache
 def _ensemble_probs_jit():
     """One jitted `_ensemble_probs` for the process (its cache serves every SegWeights)."""
-    import jax
 
     return jax.jit(_ensemble_probs, static_argnums=(0, 3, 4))
 
 
 def _ensemble_probs(graphdef, params, x, flips, spread):
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from rtjax.seg.model import ensemble_logits
 
     model = nnx.merge(graphdef, params)
     samples = []
@@ -103,7 +113,6 @@ def _ensemble_probs(graphdef, params, x, flips, spread):
 
 def weights_from_model(model, config: SegConfig, path=None) -> SegWeights:
     """Wrap a (stacked) `UNet` ensemble for inference."""
-    from flax import nnx
 
     graphdef, params = nnx.split(model)
     return SegWeights(graphdef=graphdef, params=params, config=config, path=path)
@@ -111,29 +120,15 @@ def weights_from_model(model, config: SegConfig, path=None) -> SegWeights:
 
 @functools.lru_cache(maxsize=4)
 def _load_weights_cached(path: Path) -> SegWeights:
-    import dataclasses
 
-    import jax
-    import orbax.checkpoint as ocp
-    import yaml
-    from flax import nnx
 
-    from rtjax.inverse_model import to_single_device
-    from rtjax.seg.config import config_from_dict
-    from rtjax.seg.model import create_ensemble
 
-    if not (path / "config.yaml").is_file() or not (path / "params").is_dir():
-        raise FileNotFoundError(f"{path} is not a segmentation weights folder (needs config.yaml and params/)")
-    config = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    config = config_from_dict(read_weights_config(path, "segmentation weights"), f"{path / 'config.yaml'}")
     if jax.default_backend() == "cpu" and config.model.dtype != "float32":
         # parameters are float32 whatever the training dtype; bfloat16 convolutions are slow on CPUs
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="float32"))
     abstract = nnx.eval_shape(lambda: create_ensemble(config.model, config.train.members))
-    graphdef, state = nnx.split(abstract)
-    target = to_single_device(nnx.to_pure_dict(state))
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(path / "params", target)
-    nnx.replace_by_pure_dict(state, restored)
+    graphdef, state = nnx.split(restore_params(path, abstract))
     return SegWeights(graphdef=graphdef, params=state, config=config, path=path)
 
 
@@ -231,7 +226,6 @@ def resample_to_shape(array: np.ndarray, shape) -> np.ndarray:
     """Resample (X, Y, Z[, C]) to `shape` (3 values) over the same field of view (voxel
     edges aligned, `jax.image.resize` "linear": trilinear, antialiased when shrinking);
     identity when the shape already matches. Returns float32 numpy."""
-    import jax.numpy as jnp
 
     shape = tuple(int(n) for n in shape)
     if tuple(array.shape[:3]) == shape:
@@ -241,7 +235,6 @@ def resample_to_shape(array: np.ndarray, shape) -> np.ndarray:
 
 @functools.cache
 def _resize_jit():
-    import jax
 
     return jax.jit(lambda a, shape: jax.image.resize(a, shape, "linear"), static_argnums=1)
 
@@ -293,7 +286,6 @@ def predict_regions(
 def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: float):
     """Tumour masks of region probabilities (X, Y, Z, 3): none outside the boolean `brain`,
     small stray components dropped (`keep_main_components`, skipped when `keep_fraction` is 0)."""
-    from rtjax.seg.model import keep_main_components, probs_to_masks
 
     masks = probs_to_masks(probs * brain[..., None])
     return keep_main_components(masks, keep_fraction) if keep_fraction > 0 else masks
@@ -305,7 +297,6 @@ def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncert
     Returns (TumourMasks, uncertainty (X, Y, Z) float32 or None). Voxels outside the brain
     are never tumour; small stray components are dropped (`infer.keep_fraction`).
     """
-    from rtjax.seg.model import brain_mask_from_images, normalise
 
     w = weights if isinstance(weights, SegWeights) else load_weights(weights)
     brain = brain_mask_from_images(t1c, flair) if brain_mask is None else np.asarray(brain_mask, bool)
@@ -334,8 +325,6 @@ def segment_case(
     Raises:
         InputError: missing T1c or FLAIR, grids differ, unreadable files or NaNs.
     """
-    from rtjax.io import load_case
-    from rtjax.labels import combine_labels, get_convention
 
     convention = get_convention(labels)
     case = load_case(case_dir, names=["t1c", "flair", "brain_mask"], require=["t1c", "flair"], overrides=overrides)
@@ -349,7 +338,6 @@ def segment_case(
 def write_segmentation(out_dir, label_array, uncertainty, reference) -> list[Path]:
     """Write `segmentation.nii.gz` (uint8) and, if given, `segmentation_uncertainty.nii.gz`
     (float32) on the reference's input grid, atomically. Returns the paths."""
-    from rtjax.io import save_image
 
     out_dir = Path(out_dir)
     paths = [save_image(label_array, reference, out_dir / "segmentation.nii.gz", kind="label")]

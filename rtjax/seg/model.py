@@ -9,7 +9,7 @@ Conventions
   Their sigmoids are probabilities; `probs_to_masks` nests them (ET in TC in WT) and
   turns them into the disjoint necrosis / enhancing / edema masks of `rtjax.labels`.
 * An ensemble is `members` independently initialised U-Nets stacked on a leading axis
-  (`nnx.vmap`, as `growth.inverse.create_ensemble`); with flip test-time augmentation the
+  (`rtjax.ml.create_ensemble`); with flip test-time augmentation the
   spread of the region probabilities over members and flips is the uncertainty map.
 """
 
@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from scipy import ndimage
 
-# generic over stacked nnx ensembles; ensemble_logits gives (members, b, X, Y, Z, 3)
-from growth.inverse import count_params
-from growth.inverse import ensemble_apply as ensemble_logits
+from rtjax.anatomy import foreground
 from rtjax.labels import TumourMasks
+from rtjax.ml import count_params
+from rtjax.ml import create_ensemble as _stack
+from rtjax.ml import ensemble_apply as ensemble_logits  # (members, b, X, Y, Z, 3)
 
 __all__ = [
     "REGIONS",
@@ -170,13 +172,7 @@ class UNet(nnx.Module):
 
 def create_ensemble(cfg: UNetConfig, members: int, seed: int = 0) -> UNet:
     """`members` independently initialised U-Nets stacked on a leading axis."""
-
-    @nnx.split_rngs(splits=members)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-        return UNet(cfg, rngs=rngs)
-
-    return create(nnx.Rngs(seed))
+    return _stack(lambda rngs: UNet(cfg, rngs=rngs), members, seed)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -200,7 +196,6 @@ def brain_mask_from_images(*images: np.ndarray) -> np.ndarray:
     differ from the background value: 0 for raw images, the brain-z-scored minimum for
     pre-normalised ones such as BRATS 2015 `*_subtrMeanDivStd`) of any of them (boolean,
     same shape)."""
-    from rtjax.anatomy import foreground
 
     return np.any([foreground(np.asarray(a)) for a in images], axis=0)
 
@@ -248,7 +243,6 @@ def keep_main_components(masks: TumourMasks, min_fraction: float = 0.2) -> Tumou
     """Drop small stray whole-tumour components: keep the largest connected component of
     WT (26-connectivity) and every other one of at least `min_fraction` of its size;
     necrosis/enhancing/edema outside them become background."""
-    from scipy import ndimage
 
     whole = masks.whole
     if not whole.any():

@@ -32,9 +32,13 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
 from growth.imaging import visible_masks
+from growth.inverse import anatomy_box, crop_around, iterate_simulations
+from rtjax.atlas import atlas_arrays as load_atlas
 from rtjax.labels import TumourMasks
+from rtjax.provenance import atomic_write
 from rtjax.seg.model import zscore
 
 __all__ = [
@@ -140,7 +144,6 @@ class RenderConfig:
 def brain_from_tissue(wm, gm, *, threshold: float = 0.2, closing_vox: int = 3) -> np.ndarray:
     """A brain mask (bool) from tissue probabilities: wm + gm >= threshold, closed and
     hole-filled (ventricles and sulci become brain, as in a skull-stripped image)."""
-    from scipy import ndimage
 
     mask = (np.asarray(wm) + np.asarray(gm)) >= threshold
     mask = ndimage.binary_closing(mask, iterations=closing_vox, border_value=0)
@@ -148,7 +151,6 @@ def brain_from_tissue(wm, gm, *, threshold: float = 0.2, closing_vox: int = 3) -
 
 
 def _crop_brain_fn(gen):
-    from growth.inverse import anatomy_box, crop_around
 
     def one(atlas_brain, zeros, spacing, origin, transform, com_box_mm):
         box, _ = anatomy_box(gen, atlas_brain, zeros, spacing, origin, transform)
@@ -183,10 +185,8 @@ def build_bank(
         spacing () float32 (mm, = gen.net_spacing); the drawn parameters (dw, rho,
         t_days, ...) per case.
     """
-    from growth.inverse import iterate_simulations
 
     if atlas is None:
-        from rtjax.inverse_model import load_atlas
 
         atlas = load_atlas()
     atlas_wm, atlas_gm, atlas_spacing = atlas
@@ -220,7 +220,6 @@ def build_bank(
 
 def save_bank(bank: dict, path) -> None:
     """Write a bank as an npz file (atomically)."""
-    from rtjax.provenance import atomic_write
 
     atomic_write(path, lambda tmp: np.savez(tmp, **bank), suffix=".npz")
 

@@ -29,10 +29,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
+from jax import lax
 
-from rtjax.inverse_model import learning_rate_factor
+from rtjax.config import write_yaml
+from rtjax.metrics import region_metrics
+from rtjax.ml import TrainCheckpoints, learning_rate_factor, save_weights
+from rtjax.provenance import run_metadata, write_json_atomic
 from rtjax.seg.config import SegConfig, config_to_dict, load_config
+from rtjax.seg.data import find_real_cases, load_real_case, resolve_data_root
+from rtjax.seg.infer import SegWeights, predict_regions, probs_to_case_masks, resample_to_shape, working_shape
+from rtjax.seg.model import count_params, create_ensemble
+from rtjax.seg.synth import build_bank, load_bank, render_sample, save_bank
 
 __all__ = [
     "prepare_real",
@@ -65,7 +77,6 @@ def prepare_real(cases, cfg: SegConfig, seed: int = 0) -> dict[str, np.ndarray]:
     voxels (the arrays are padded by patch // 2 before each axis). With no case: one
     empty dummy (never sampled).
     """
-    from rtjax.seg.infer import resample_to_shape, working_shape
 
     p = cfg.render.patch
     rng = np.random.default_rng(seed)
@@ -94,9 +105,6 @@ def prepare_real(cases, cfg: SegConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _real_sample(key, real, case_weights, cfg: SegConfig):
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
 
     p = cfg.render.patch
     k = jax.random.split(key, 7)
@@ -120,9 +128,7 @@ def _real_sample(key, real, case_weights, cfg: SegConfig):
 
 
 def _synthetic_sample(key, bank, cfg: SegConfig):
-    import jax
 
-    from rtjax.seg.synth import render_sample
 
     k1, k2 = jax.random.split(key)
     i = jax.random.randint(k1, (), 0, bank["density"].shape[0])
@@ -133,8 +139,6 @@ def _synthetic_sample(key, bank, cfg: SegConfig):
 def make_batch(key, bank, real, case_weights, p_real, cfg: SegConfig):
     """(members, batch, P, P, P, 2) inputs and (..., 3) targets: each sample real with
     probability p_real, else synthetic (both are drawn; one is kept)."""
-    import jax
-    import jax.numpy as jnp
 
     tr = cfg.train
 
@@ -155,8 +159,6 @@ def make_batch(key, bank, real, case_weights, p_real, cfg: SegConfig):
 def region_loss(logits, y, dice_weight: float = 1.0):
     """Binary cross-entropy + soft Dice (over batch and voxels, per region) of region
     logits against {0,1} or soft targets; both (b, X, Y, Z, 3)."""
-    import jax
-    import optax
 
     bce = optax.sigmoid_binary_cross_entropy(logits, y).mean()
     p = jax.nn.sigmoid(logits)
@@ -174,8 +176,6 @@ def _pool_targets(y, factor: int):
 def make_train_step(graphdef, cfg: SegConfig):
     """jit-compiled (params, opt_state, data, key, lr, case_weights, p_real) ->
     (params, opt_state, loss): draws the batch on the device, AdamW with a given lr."""
-    import jax
-    from flax import nnx
 
     tx = _optimizer(cfg)
     tr = cfg.train
@@ -207,7 +207,6 @@ def make_train_step(graphdef, cfg: SegConfig):
 
 def _optimizer(cfg: SegConfig):
     """AdamW without its learning rate (the step scales the updates by a traced lr)."""
-    import optax
 
     return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(),
                        optax.add_decayed_weights(cfg.train.weight_decay))
@@ -220,37 +219,6 @@ def _lr(peak: float, warmup: int, progress: float, step: int) -> float:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def _save(manager, step: int, params, opt_state) -> None:
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    leaves = {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
-        opt=ocp.args.StandardSave(leaves),
-    ), force=True)
-    manager.wait_until_finished()
-
-
-def _restore(manager, step: int, params, opt_state):
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from rtjax.inverse_model import to_single_device
-
-    leaves, treedef = jax.tree.flatten(opt_state)
-    target_opt = to_single_device({f"{i:05d}": leaf for i, leaf in enumerate(leaves)})
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(to_single_device(nnx.to_pure_dict(params))),
-        opt=ocp.args.StandardRestore(target_opt),
-    ))
-    nnx.replace_by_pure_dict(params, restored["params"])
-    opt_state = jax.tree.unflatten(treedef, [restored["opt"][k] for k in sorted(restored["opt"])])
-    return params, opt_state
 
 
 def train_stage(
@@ -276,20 +244,17 @@ def train_stage(
     A stage that has finished all its steps before is only restored. Returns
     (params, info): info has steps_done, complete (all steps done), seconds, final_loss.
     """
-    import jax
-    import jax.numpy as jnp
 
-    from rtjax.inverse_model import checkpoint_manager
 
     tr = cfg.train
     tx = _optimizer(cfg)
     params = jax.tree.map(jnp.array, params)  # a private copy: stages never share buffers
     opt_state = tx.init(params)
-    manager = checkpoint_manager(workdir / "checkpoints" / name, tr)
+    manager = TrainCheckpoints(workdir / "checkpoints" / name, tr.keep_checkpoints)
     start = 0
     latest = manager.latest_step()
     if latest is not None:
-        params, opt_state = _restore(manager, latest, params, opt_state)
+        params, opt_state = manager.restore(latest, params, opt_state)
         start = int(latest)
         _log(f"[{name}] resumed at step {start}", progress and start < steps)
     t0 = time.perf_counter()
@@ -312,10 +277,10 @@ def train_stage(
             _log(f"[{name}] step {done}/{steps} loss {np.mean(losses[-tr.log_every:]):.4f} "
                  f"lr {lr:.2e} ({rate:.2f} steps/s)", progress)
         if done % tr.checkpoint_every == 0:
-            _save(manager, done, params, opt_state)
+            manager.save(done, params, opt_state)
     done = start + len(losses)
     if losses and done % tr.checkpoint_every:
-        _save(manager, done, params, opt_state)
+        manager.save(done, params, opt_state)
     manager.close()
     info = {"steps_done": done, "complete": done >= steps, "seconds": time.perf_counter() - t0,
             "final_loss": float(np.mean(losses[-tr.log_every:])) if losses else None}
@@ -331,8 +296,6 @@ def evaluate_case(weights, case) -> dict[str, Any]:
     """Dice and HD95 (mm) per region of the ensemble's segmentation of a real case
     (sliding window, original resolution, no TTA, the post-processing of
     `rtjax.seg.infer.segment_arrays`), plus volumes (mL)."""
-    from rtjax.metrics import region_metrics
-    from rtjax.seg.infer import predict_regions, probs_to_case_masks
 
     t0 = time.perf_counter()
     probs, _ = predict_regions(weights, case.x, case.spacing)
@@ -381,25 +344,10 @@ def format_table(rows: list[dict]) -> str:
 
 def export_weights(params, config: SegConfig, metrics: dict, out_dir) -> Path:
     """Write a weights folder: `params/` (orbax), `config.yaml`, `metrics.json` and a
-    generated `MODEL_CARD.md`. Replaces an existing folder."""
-    import shutil
+    generated `MODEL_CARD.md`; replaces an existing folder once complete."""
 
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from rtjax.inverse_model import write_yaml
-    from rtjax.provenance import write_json_atomic
-
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out_dir / "params", nnx.to_pure_dict(params))
-    write_yaml(out_dir / "config.yaml", config_to_dict(config))
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    (out_dir / "MODEL_CARD.md").write_text(model_card(config, metrics))
-    return out_dir
+    return save_weights(out_dir, params, config_to_dict(config), metrics,
+                        model_card=model_card(config, metrics))
 
 
 def model_card(config: SegConfig, metrics: dict) -> str:
@@ -440,7 +388,6 @@ not expert labels. Retrain with `rtjax train-seg configs/seg_h100.yaml --workdir
 
 
 def _device_data(bank: dict, real: dict) -> dict:
-    import jax.numpy as jnp
 
     keys = ("density", "wm", "gm", "brain")
     return {"bank": {k: jnp.asarray(bank[k]) for k in keys}, "real": {k: jnp.asarray(v) for k, v in real.items()}}
@@ -465,15 +412,7 @@ def train_and_evaluate(
     Returns:
         {"weights": path, "metrics": dict (also in weights/metrics.json), "loo": rows}.
     """
-    import jax
-    from flax import nnx
 
-    from rtjax.inverse_model import write_yaml
-    from rtjax.provenance import run_metadata, write_json_atomic
-    from rtjax.seg.data import find_real_cases, load_real_case, resolve_data_root
-    from rtjax.seg.infer import SegWeights
-    from rtjax.seg.model import count_params, create_ensemble
-    from rtjax.seg.synth import build_bank, load_bank, save_bank
 
     if not isinstance(config, SegConfig):
         config = load_config(config)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from growth import FKParams, FKSimulator, GaussianSeed, Grid, default_substeps, stable_time_step
+from growth.anisotropic import AnisotropicFKSimulator
+from growth.reference import numpy_face_coefficients, numpy_solve_fk
+from rtjax.atlas import load_atlas
 
 __all__ = ["BenchmarkRow", "benchmark_solver", "format_table", "brain_tissue_240"]
 
@@ -29,7 +38,6 @@ class BenchmarkRow:
 
 def _smooth_random_tissue(shape, seed=0):
     """WM/GM maps with structure (smoothed noise), for a synthetic cube."""
-    from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(seed)
     wm = gaussian_filter(rng.uniform(size=shape), 3)
@@ -39,13 +47,11 @@ def _smooth_random_tissue(shape, seed=0):
 
 def brain_tissue_240() -> tuple[np.ndarray, np.ndarray]:
     """The MNI152 WM/GM maps centred in a 240x240x155 (BraTS-sized) grid, 1 mm."""
-    from rtjax.atlas import atlas_tissue_paths
-    from rtjax.io import load_image
 
-    paths = atlas_tissue_paths("mni152")
+    atlas = load_atlas("mni152")
     out = []
     for name in ("wm", "gm"):
-        data = load_image(paths[name], kind="probability").data
+        data = getattr(atlas, name).data
         target = np.zeros((240, 240, 155), np.float32)
         src, dst = [], []
         for n_src, n_dst in zip(data.shape, target.shape):
@@ -72,12 +78,8 @@ def _time(fn, repeats: int = 1) -> float:
 
 
 def _jax_rate(wm, gm, steps: int, batch: int, dw=0.5, rho=0.05, substeps=None) -> float:
-    import dataclasses
 
-    import jax
-    import jax.numpy as jnp
 
-    from growth import FKParams, FKSimulator, Grid, stable_time_step
 
     grid = Grid(wm.shape, (1.0, 1.0, 1.0))
     dt = stable_time_step(grid, dw * float((wm + gm).max()))
@@ -101,7 +103,6 @@ def _jax_rate(wm, gm, steps: int, batch: int, dw=0.5, rho=0.05, substeps=None) -
 def smooth_fibre_field(shape, fa_eigenvalues=(1.0, 0.15, 0.15), seed=0) -> np.ndarray:
     """A trace-3 shape tensor field (6, *shape) whose principal direction varies smoothly
     (smoothed random vectors), a stand-in for white-matter fibres."""
-    from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(seed)
     v = np.stack([gaussian_filter(rng.normal(size=shape), 6) for _ in range(3)])
@@ -115,12 +116,8 @@ def smooth_fibre_field(shape, fa_eigenvalues=(1.0, 0.15, 0.15), seed=0) -> np.nd
 
 def _anisotropic_rate(wm, gm, steps: int, dw=0.5, rho=0.05) -> tuple[float, int]:
     """Voxel-steps/s of the anisotropic solver and the number of stencil offsets."""
-    import dataclasses
 
-    import jax.numpy as jnp
 
-    from growth import FKParams, Grid
-    from growth.anisotropic import AnisotropicFKSimulator
 
     grid = Grid(wm.shape, (1.0, 1.0, 1.0))
     sim = AnisotropicFKSimulator.create(wm, gm, smooth_fibre_field(wm.shape), grid,
@@ -134,8 +131,6 @@ def _anisotropic_rate(wm, gm, steps: int, dw=0.5, rho=0.05) -> tuple[float, int]
 
 
 def _numpy_rate(wm, gm, steps: int, dw=0.5, rho=0.05) -> float:
-    from growth import GaussianSeed, Grid, stable_time_step
-    from growth.reference import numpy_face_coefficients, numpy_solve_fk
 
     grid = Grid(wm.shape, (1.0, 1.0, 1.0))
     d_cell = (dw * (wm + gm / 10.0)).astype(np.float32)
@@ -153,7 +148,6 @@ def benchmark_solver(
 
     `quick` shrinks the grids (64^3, batch 4) for a smoke run.
     """
-    from growth import default_substeps
 
     n = 64 if quick else 128
     batch = min(batch, 4) if quick else batch

@@ -15,10 +15,23 @@ mismatch.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
+
+from growth.fit import FitConfig
+from growth.inverse import iterate_simulations
+from rtjax.atlas import atlas_arrays
+from rtjax.data import data_root as default_root
+from rtjax.fit import fit_case
+from rtjax.inverse.weights import load_weights
+from rtjax.labels import TumourMasks
+from rtjax.metrics import dice
+from rtjax.pipeline.case import fit_case_dir
+from rtjax.simulate import load_shape_tensor, load_tissue
 
 __all__ = [
     "LEVELS",
@@ -38,11 +51,8 @@ LEVELS = (0.001, 0.1, 0.25, 0.6)
 def atlas_shape_tensor(data_root=None, anisotropy: float = 5.0) -> np.ndarray:
     """The trace-3 white-matter shape tensor (6, *MNI152 atlas shape), float32, from the
     TractSeg DTI in `data_root/dti/tractseg` (FA + first peak; identity outside its field
-    of view), resampled onto the atlas of `rtjax.inverse_model.load_atlas`."""
-    from pathlib import Path
+    of view), resampled onto the atlas of `rtjax.atlas.atlas_arrays`."""
 
-    from rtjax.data import data_root as default_root
-    from rtjax.simulate import load_shape_tensor, load_tissue
 
     folder = Path(data_root or default_root()) / "dti" / "tractseg"
     shape = load_shape_tensor(load_tissue(atlas="mni152"), fa=folder / "FA.nii.gz",
@@ -55,10 +65,8 @@ def held_out_cases(cfg, n_cases: int, *, seed: int, tensor=None, atlas=None, bat
     case: density, wm, gm on the network grid, sqrt_dw_t, sqrt_rho_t, u_t1, u_fl, ...),
     simulated `batch_size` at a time. With `tensor` (see `atlas_shape_tensor`) they grow
     anisotropically."""
-    from growth.inverse import iterate_simulations
-    from rtjax.inverse_model import load_atlas
 
-    atlas_wm, atlas_gm, atlas_spacing = atlas if atlas is not None else load_atlas()
+    atlas_wm, atlas_gm, atlas_spacing = atlas if atlas is not None else atlas_arrays()
     stream = iterate_simulations(cfg, atlas_wm, atlas_gm, atlas_spacing, seed=seed,
                                  batch_size=batch_size, tensor=tensor)
     count = 0
@@ -71,7 +79,6 @@ def held_out_cases(cfg, n_cases: int, *, seed: int, tensor=None, atlas=None, bat
 
 def _observed_masks(case: dict):
     """A simulated case's masks as its thresholds show them (core = enhancing)."""
-    from rtjax.labels import TumourMasks
 
     truth = np.asarray(case["density"], np.float32)
     core = truth >= float(case["u_t1"])
@@ -84,8 +91,6 @@ def fit_held_out_case(case: dict, spacing, *, weights, iterations: int | None = 
     """Fit one held-out case with the network alone and with refinement (`iterations` at
     most; None: the fit config's); Dice of the fitted against the true density at
     `LEVELS`, parameter errors and seconds per stage."""
-    from growth.fit import FitConfig, dice
-    from rtjax.fit import fit_case
 
     fit_options = dict(fit_options or {})
     config = fit_options.pop("config", None) or FitConfig()
@@ -135,8 +140,6 @@ def evaluate_fit(
         deadline: a `time.perf_counter()` value after which no new case is started.
         fit_options: more keyword arguments of `rtjax.fit.fit_case` (e.g. `config`).
     """
-    from growth.fit import FitConfig
-    from rtjax.inverse_model import load_weights
 
     if iterations is None:
         iterations = (dict(fit_options or {}).get("config") or FitConfig()).max_iterations
@@ -184,14 +187,9 @@ def format_fit_table(result: dict) -> str:
 def benchmark_fit(data_root=None, *, n_simulated: int = 2, seed: int = 31_337, fit_options=None) -> list[dict]:
     """Wall time of `rtjax fit` (network + refinement + final density) per case: the
     Lipkova patient (256^3, 1 mm, its own tissue; `data_root/lipkova-patient`) through
-    `rtjax.fit.fit_case_dir`, and `n_simulated` held-out simulated cases through
+    `rtjax.pipeline.case.fit_case_dir`, and `n_simulated` held-out simulated cases through
     `rtjax.fit.fit_case`. The first case includes the compilation."""
-    import tempfile
-    from pathlib import Path
 
-    from rtjax.data import data_root as default_root
-    from rtjax.fit import fit_case, fit_case_dir
-    from rtjax.inverse_model import load_weights
 
     rows = []
 

@@ -18,9 +18,22 @@ The atlas is the patient's anatomy, so no registration is needed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+import yaml
+
+from growth import FKParams, solve_fk, visible_masks
+from rtjax.io import load_tumour_masks, save_image
+from rtjax.labels import TumourMasks, combine_labels, get_convention, split_labels
+from rtjax.metrics import dice
+from rtjax.pipeline import run_case
+from rtjax.provenance import write_json_atomic
+from rtjax.seg.infer import load_weights, segment_case, write_segmentation
+from rtjax.seg.synth import render_case
+from rtjax.simulate import box_simulator, load_tissue, simulate_density
 
 __all__ = [
     "DEMO_PATIENT",
@@ -51,7 +64,6 @@ DEMO_PATIENT = {
 
 def load_patient_config(path: str | Path) -> dict:
     """Read a YAML mapping that overrides keys of `DEMO_PATIENT`; unknown keys are errors."""
-    import yaml
 
     with open(path) as handle:
         config = yaml.safe_load(handle) or {}
@@ -67,8 +79,6 @@ def visible_tumour(density: np.ndarray, patient: dict):
     """The imaging model's segmentation of a density (X, Y, Z) in [0, 1]: core where
     c >= u_t1 (necrosis where c >= u_necrosis, enhancing elsewhere), edema where
     u_fl <= c < u_t1; thresholds from the `patient` mapping (keys of `DEMO_PATIENT`)."""
-    from growth import visible_masks
-    from rtjax.labels import TumourMasks
 
     core, edema = (np.asarray(m) for m in visible_masks(density, patient["u_t1"], patient["u_fl"]))
     necrosis = density >= patient["u_necrosis"]
@@ -80,9 +90,7 @@ def grow_density(sim, box, initial: np.ndarray, patient: dict, days: float) -> n
     patient's dw, rho and ratio on `sim` (`rtjax.simulate.box_simulator` on `box`, built for at
     least `days`); returns the full-grid density, float32. Calls with new values reuse one
     compiled solve."""
-    import jax.numpy as jnp
 
-    from growth import FKParams, solve_fk
 
     params = FKParams(jnp.float32(patient["dw"]), jnp.float32(patient["rho"]),
                       jnp.float32(patient["ratio"]))
@@ -111,8 +119,6 @@ def write_case(case_dir, reference, masks, tissue, recurrence, **extra) -> list[
     """Write a case folder that `rtjax run` reads: `seg` (BraTS 2021 labels), `wm`, `gm`,
     `recurrence`, and each `extra` name -> (array, save kind), e.g. `brain_mask` or `csf`.
     Arrays are canonical on `reference`'s grid; returns the paths written."""
-    from rtjax.io import save_image
-    from rtjax.labels import combine_labels, get_convention
 
     case_dir = Path(case_dir)
     images = {"seg": (combine_labels(masks, get_convention("brats2021")), "label"),
@@ -126,11 +132,6 @@ def segment_demo_case(case_dir, out_dir) -> list[Path]:
     """Segment a case folder's t1c/flair with the shipped network and score it against the
     folder's `seg` (BraTS 2021 labels): writes `segmentation.nii.gz` and `network.json`
     (Dice per region WT, TC, ET, and the weights version) into `out_dir`."""
-    from rtjax.io import load_tumour_masks
-    from rtjax.labels import split_labels
-    from rtjax.metrics import dice
-    from rtjax.provenance import write_json_atomic
-    from rtjax.seg.infer import load_weights, segment_case, write_segmentation
 
     weights = load_weights()
     labels, _, reference = segment_case(case_dir, weights=weights)
@@ -148,11 +149,6 @@ def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool
 
     Returns the paths written (truth, case inputs and the pipeline's results).
     """
-    from rtjax.io import save_image
-    from rtjax.pipeline import run_case
-    from rtjax.provenance import write_json_atomic
-    from rtjax.seg.synth import render_case
-    from rtjax.simulate import box_simulator, load_tissue, simulate_density
 
     patient = {**DEMO_PATIENT, **(patient or {})}
     out_dir = Path(out_dir)
@@ -186,7 +182,6 @@ def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool
 
 def demo_summary(out_dir: str | Path) -> str:
     """A few lines on the demo's outcome: fit quality, CTV volumes and coverages."""
-    import json
 
     done = json.loads((Path(out_dir) / "results" / "done.json").read_text())
     lines = [f"fit: Dice core {done['dice_core']:.3f}, edema {done['dice_edema']:.3f}; "

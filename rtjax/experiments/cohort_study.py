@@ -9,7 +9,7 @@ and T (:class:`ParameterRanges`), anisotropically along the TractSeg DTI fibres
 everywhere with ``isotropic_truth``). The imaging model with random thresholds gives the
 visible necrosis / enhancing core / edema; the visible core is resected and the residual
 tumour regrows for a random time, the recurrence being the new T1c-visible tumour outside
-the cavity (:func:`rtjax.demo.simulate_recurrence`, the demo's model). The pipeline
+the cavity (:func:`rtjax.experiments.demo.simulate_recurrence`, the demo's model). The pipeline
 (:func:`rtjax.pipeline.run_cohort`) then fits the *isotropic* model to each case.
 
 Per patient, at equal volume (the 15 mm standard CTV's, within 1 %):
@@ -51,6 +51,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import distance_transform_edt
+from tqdm import tqdm
+
+from rtjax.atlas import atlas_tissue_paths
+from rtjax.ctv import density_family, margin_family
+from rtjax.data import data_root as default_data_root
+from rtjax.experiments.demo import grow_density, simulate_recurrence, visible_tumour, write_case
+from rtjax.fit import block_average
+from rtjax.io import Image, check_same_grid, load_image, save_image
+from rtjax.pipeline import run_cohort
+from rtjax.pipeline.inputs import load_segmented_case
+from rtjax.plotting import headless_pyplot, save_figure
+from rtjax.provenance import run_metadata, write_json_atomic, write_text_atomic
+from rtjax.simulate import Tissue, box_simulator, load_shape_tensor, load_tissue, resolve_origin
+from rtjax.study import case_coverage, exact_coverage_curve, paired_test
 
 __all__ = [
     "FAMILIES",
@@ -157,8 +172,6 @@ def downsample_image(image, factor: int):
     """Block-average a canonical image by an integer `factor` per axis (zero-padded up to a
     multiple): a new Image of spacing `factor` x the old one whose voxel centres are the
     block centres (RAS, no original-geometry to return to)."""
-    from rtjax.fit import block_average
-    from rtjax.io import Image
 
     factor = int(factor)
     if factor < 1:
@@ -186,9 +199,6 @@ def load_cohort_anatomy(
     The tensor (``dti/tractseg`` FA + peaks) is resampled onto the grid with `anisotropy`
     (:func:`rtjax.simulate.load_shape_tensor`); skipped with `isotropic`.
     """
-    from rtjax.atlas import atlas_tissue_paths
-    from rtjax.io import check_same_grid, load_image
-    from rtjax.simulate import Tissue, load_shape_tensor, load_tissue
 
     root = Path(data_root)
     atlas = root / "atlas" / "mni152"
@@ -218,7 +228,6 @@ def load_cohort_anatomy(
 def origin_candidates(anatomy: CohortAnatomy, ranges: ParameterRanges) -> np.ndarray:
     """Canonical voxel indices (N, 3) where a tumour may start: wm + gm >= min_tissue and
     at least min_depth_mm inside the brain mask."""
-    from scipy.ndimage import distance_transform_edt
 
     tissue = anatomy.tissue.wm.data + anatomy.tissue.gm.data
     depth = distance_transform_edt(anatomy.brain, sampling=anatomy.reference.spacing)
@@ -239,7 +248,7 @@ def _log_uniform(rng, bounds) -> float:
 def sample_patient(rng: np.random.Generator, reference, candidates: np.ndarray,
                    ranges: ParameterRanges) -> dict:
     """Draw one patient's hidden parameters: a mapping with the keys of
-    :data:`rtjax.demo.DEMO_PATIENT` (origin in world mm, at a random candidate voxel centre
+    :data:`rtjax.experiments.demo.DEMO_PATIENT` (origin in world mm, at a random candidate voxel centre
     jittered within the voxel; dw mm^2/day, rho 1/day, days, thresholds)."""
     voxel = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, 3)
     origin = np.asarray(reference.voxel_to_world(voxel), float)
@@ -258,10 +267,8 @@ def sample_patient(rng: np.random.Generator, reference, candidates: np.ndarray,
 
 def grow_tumour(sim, box, reference, patient: dict) -> np.ndarray:
     """The patient's pre-operative density (X, Y, Z, float32): the simulator's Gaussian
-    seed at the patient's origin grown for `days` (:func:`rtjax.demo.grow_density`, the
+    seed at the patient's origin grown for `days` (:func:`rtjax.experiments.demo.grow_density`, the
     solve the recurrence reuses) on `sim` (:func:`rtjax.simulate.box_simulator` on `box`)."""
-    from rtjax.demo import grow_density
-    from rtjax.simulate import resolve_origin
 
     index = resolve_origin(reference, origin_mm=patient["origin_mm"])
     corner = np.array([s.start for s in box], float)
@@ -291,9 +298,6 @@ def generate_patient(case_dir, truth_dir, anatomy: CohortAnatomy, sim, box,
 
     Returns the patient.json record. Raises RuntimeError after `ranges.max_draws` draws.
     """
-    from rtjax.demo import simulate_recurrence, visible_tumour, write_case
-    from rtjax.io import save_image
-    from rtjax.provenance import write_json_atomic
 
     case_dir, truth_dir = Path(case_dir), Path(truth_dir)
     ref = anatomy.reference
@@ -353,9 +357,7 @@ def generate_cohort(out_dir, n: int, anatomy: CohortAnatomy | Callable[[], Cohor
 
     Returns the case names, sorted.
     """
-    from tqdm import tqdm
 
-    from rtjax.simulate import box_simulator
 
     out_dir = Path(out_dir)
     names = [_case_name(i) for i in range(int(n))]
@@ -434,10 +436,6 @@ def evaluate_patient(case_dir, result_dir, truth_dir, *,
                      margin_mm: float = 15.0) -> PatientEvaluation:
     """Coverages and curves of one patient from its files: the case (seg, brain_mask,
     recurrence), the pipeline's fitted ``density.nii.gz`` and the true density."""
-    from rtjax.ctv import density_family, margin_family
-    from rtjax.fit import load_segmented_case
-    from rtjax.io import check_same_grid, load_image
-    from rtjax.study import case_coverage, exact_coverage_curve
 
     case_dir, result_dir, truth_dir = Path(case_dir), Path(result_dir), Path(truth_dir)
     _, _, masks, images = load_segmented_case(case_dir, labels="brats2021",
@@ -491,7 +489,6 @@ def cohort_tests(evaluations: Sequence[PatientEvaluation], key: str = "{}_covera
     ``model_coverage`` and ``standard_coverage`` fields of CaseCoverage records: each
     patient's record gets the first family's value in the former, the second's in the
     latter."""
-    from rtjax.study import paired_test
 
     rows = [e.row() for e in evaluations]
 
@@ -546,7 +543,6 @@ def write_study_outputs(out_dir, evaluations: Sequence[PatientEvaluation], *,
                         title: str = "", settings: dict | None = None) -> dict[str, Path]:
     """Write the cohort table (one row per patient), the summary table, the tests (JSON)
     and the figure into `out_dir`; returns name -> path."""
-    from rtjax.provenance import run_metadata, write_json_atomic, write_text_atomic
 
     out_dir = Path(out_dir)
     rows = [e.row() for e in evaluations]
@@ -593,7 +589,6 @@ def plot_cohort_study(evaluations: Sequence[PatientEvaluation], path, *, title: 
     lines, means as bars). Right: mean coverage against CTV volume relative to the
     patient's standard CTV (1 = equal volume), per family, with the interquartile band.
     Written atomically (PNG)."""
-    from rtjax.study import headless_pyplot, save_figure
 
     plt = headless_pyplot()
     fig, (equal, half, right) = plt.subplots(1, 3, figsize=(15, 4.8), constrained_layout=True)
@@ -669,7 +664,6 @@ def format_study_table(evaluations: Sequence[PatientEvaluation]) -> str:
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
     """Record the settings in study.json; a rerun with other settings is refused."""
-    from rtjax.provenance import run_metadata, write_json_atomic
 
     path = out_dir / "study.json"
     if path.is_file():
@@ -705,8 +699,6 @@ def run_cohort_study(
     first n patients, though run_cohort also fits any other case folder present). Patients
     whose fit failed are left out (``results/errors.log``). Returns the evaluations of
     patients 0..n-1 that are done, sorted by case."""
-    from rtjax.data import data_root as default_data_root
-    from rtjax.pipeline import run_cohort
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

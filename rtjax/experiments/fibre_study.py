@@ -11,10 +11,18 @@ shape); growth along fibres gives a ratio well above 1.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from growth import eigh_field
+from rtjax.atlas import load_atlas
+from rtjax.io import load_image, resample_image
+from rtjax.plotting import headless_pyplot, save_figure
+from rtjax.provenance import run_metadata, write_json_atomic
+from rtjax.simulate import Tissue, load_shape_tensor, simulate_density
 
 __all__ = ["TRACT_SEEDS", "FibreRun", "find_tract_seed", "spread_along_fibre", "run_fibre_study"]
 
@@ -43,7 +51,6 @@ class FibreRun:
 def find_tract_seed(fa_image, peaks_t6, tract: str) -> np.ndarray:
     """The canonical voxel of highest FA inside the tract's box whose principal direction
     lies along the tract's axis (|component| > 0.8)."""
-    from growth import eigh_field
 
     spec = TRACT_SEEDS[tract]
     index = np.indices(fa_image.shape).reshape(3, -1).T
@@ -93,19 +100,15 @@ def run_fibre_study(
     tracts=tuple(TRACT_SEEDS),
 ) -> list[FibreRun]:
     """Run the isotropic/anisotropic comparison; with `out_dir`, write a figure and a JSON."""
-    from growth import eigh_field
-    from rtjax.atlas import atlas_tissue_paths
-    from rtjax.io import load_image, resample_image
-    from rtjax.simulate import Tissue, load_shape_tensor, simulate_density
 
     folder = Path(data_root) / "dti" / "tractseg"
     fa_path, peaks_path = folder / "FA.nii.gz", folder / "peaks.nii.gz"
     fa = load_image(fa_path, kind="intensity")
     brain = load_image(folder / "nodif_brain_mask.nii.gz", kind="mask").data
-    atlas = atlas_tissue_paths("mni152")
+    atlas = load_atlas("mni152")
     maps = {}
     for name in ("wm", "gm"):
-        on_grid = resample_image(load_image(atlas[name], kind="probability"), fa, order=1)
+        on_grid = resample_image(getattr(atlas, name), fa, order=1)
         maps[name] = fa.with_data(np.clip(on_grid, 0, 1).astype(np.float32) * brain)
     tissue = Tissue(wm=maps["wm"], gm=maps["gm"], sources={"wm": "atlas:mni152", "gm": "atlas:mni152"})
     shape = load_shape_tensor(tissue, fa=fa_path, peaks=peaks_path, anisotropy=anisotropy)
@@ -138,15 +141,7 @@ def run_fibre_study(
 
 
 def _write_outputs(out_dir: Path, runs, densities, background, settings) -> None:
-    import dataclasses
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rtjax.provenance import run_metadata, write_json_atomic
-
+    plt = headless_pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "fibre_study.json", {
         "settings": settings, "runs": [dataclasses.asdict(r) for r in runs], **run_metadata()})
@@ -163,7 +158,4 @@ def _write_outputs(out_dir: Path, runs, densities, background, settings) -> None
             ax.set_title(f"{run.tract}, {name}: along/across {ratio:.2f}", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    tmp = out_dir / ".fibre_study.png.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_dir / "fibre_study.png")
+    save_figure(fig, out_dir / "fibre_study.png", dpi=100)
