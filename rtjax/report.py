@@ -33,7 +33,9 @@ Typical use at the end of a case run (arrays canonical on ``reference``)::
 from __future__ import annotations
 
 import base64
+import functools
 import html
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -113,7 +115,8 @@ _OBLIQUE_TOL = 1e-3
 
 def _check_convention(convention: str) -> None:
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown display convention {convention!r}; expected one of {CONVENTIONS}")
+        raise ValueError(f"unknown display convention {convention!r}; expected one of "
+                         f"{CONVENTIONS}")
 
 
 def _check_view(view: str) -> None:
@@ -134,7 +137,7 @@ def display_slice(volume: np.ndarray, view: str, index: int,
     the neurological one; anterior for sagittal). Shape (rows, columns)."""
     _check_view(view)
     _check_convention(convention)
-    normal, row, col = VIEWS[view]
+    normal, row, _ = VIEWS[view]
     plane = np.take(np.asarray(volume), int(index), axis=normal)
     # After np.take the remaining axes keep their order; put the row axis first.
     remaining = [a for a in range(3) if a != normal]
@@ -233,7 +236,8 @@ def _check_inputs(background, affine, density, core, edema, ctvs, recurrence, vo
         raise ValueError(f"background must be 3-D, got shape {background.shape}")
     shape = background.shape
     affine = np.asarray(affine, float)
-    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) == 0:
+    if (affine.shape != (4, 4) or not np.isfinite(affine).all()
+            or abs(np.linalg.det(affine[:3, :3])) == 0):
         raise ValueError("affine must be a finite, invertible (4, 4) matrix")
     density = np.asarray(density, np.float32)
     if density.shape != shape:
@@ -249,7 +253,8 @@ def _check_inputs(background, affine, density, core, edema, ctvs, recurrence, vo
     rec = None if recurrence is None else _as_mask(recurrence, "recurrence", shape)
     _check_coverage(coverage, list(ctv_masks), list(volumes_ml))
     levels = tuple(float(v) for v in density_levels)
-    if not levels or any(b <= a for a, b in zip(levels, levels[1:])) or levels[0] <= 0 or levels[-1] >= 1:
+    increasing = all(a < b for a, b in itertools.pairwise(levels))
+    if not levels or not increasing or levels[0] <= 0 or levels[-1] >= 1:
         raise ValueError(f"density_levels must increase strictly within (0, 1), got {levels}")
     core_centre(masks["core"])  # raises on an empty core
     return background, affine, density, masks, ctv_masks, rec, levels
@@ -340,7 +345,7 @@ def _structure_rows(volumes_ml, coverage) -> list[str]:
     lines = [f"{'structure':<{width}}  {'volume':>9}" + ("  coverage" if coverage else "")]
     for name, volume in volumes_ml.items():
         cov = f"  {100 * float(coverage[name]):6.1f} %" if coverage and name in coverage else ""
-        lines.append(f"{str(name):<{width}}  {float(volume):6.1f} mL{cov}")
+        lines.append(f"{name!s:<{width}}  {float(volume):6.1f} mL{cov}")
     lines.append("coverage: the fraction of the recurrence inside each CTV" if coverage
                  else "recurrence coverage: not known (no recurrence given)")
     return lines
@@ -359,6 +364,11 @@ def _footer(convention, world, centre, spacing, oblique, background_name) -> str
     lines.append(f"Background: {background_name}. Lower row: the fitted tumour cell density "
                  "(colour bands) with the core outline.")
     return "\n".join(lines)
+
+
+def _cut(volume, *, box, view, index, convention) -> np.ndarray:
+    """The displayed slice of ``volume`` cropped to ``box`` (see :func:`display_slice`)."""
+    return display_slice(volume[box], view, index, convention)
 
 
 def _ctv_zorder(n: int, count: int) -> float:
@@ -398,8 +408,8 @@ def _legend_handles(ctv_names, has_recurrence: bool):
 
     handles = [Line2D([], [], color=_CORE["colour"], lw=_CORE["width"], label="core (GTV)"),
                Line2D([], [], color=_EDEMA["colour"], lw=_EDEMA["width"], label="edema")]
-    handles += [Line2D([], [], color=CTV_STYLES[n][0], ls=CTV_STYLES[n][1], lw=_CTV_WIDTH, label=name)
-                for n, name in enumerate(ctv_names)]
+    handles += [Line2D([], [], color=colour, ls=style, lw=_CTV_WIDTH, label=name)
+                for name, (colour, style) in zip(ctv_names, CTV_STYLES)]
     if has_recurrence:
         handles.append(Patch(facecolor=_RECURRENCE["colour"], alpha=0.6,
                              edgecolor=_RECURRENCE["colour"], label="recurrence"))
@@ -447,7 +457,7 @@ def build_case_figure(
     for c, view in enumerate(VIEWS):
         normal, row, col = VIEWS[view]
         index = centre[normal] - box[normal].start
-        cut = lambda a: display_slice(a[box], view, index, convention)  # noqa: E731
+        cut = functools.partial(_cut, box=box, view=view, index=index, convention=convention)
         plane = cut(background)
         height, width = plane.shape[0] * spacing[row], plane.shape[1] * spacing[col]
         extent = (0.0, width, height, 0.0)
@@ -486,8 +496,8 @@ def build_case_figure(
               gid="volumes")
     cell = fig.add_subplot(grid[1, 3])
     cell.axis("off")
-    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=bands), cax=cell.inset_axes((0.0, 0.1, 0.07, 0.8)),
-                       ticks=bounds)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=bands),
+                       cax=cell.inset_axes((0.0, 0.1, 0.07, 0.8)), ticks=bounds)
     bar.ax.set_yticklabels([f"{v:g}" for v in bounds])
     bar.set_label("tumour cell density (fraction of the carrying capacity)")
     bar.ax.set_gid("density-colourbar")
@@ -591,7 +601,7 @@ def _fmt(value: Any) -> str:
         value = float(value)
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
+        return ", ".join(_fmt(v) for v in value) if value else "none"
     return str(value)
 
 
@@ -606,22 +616,35 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, An
     return rows
 
 
-def _key_value_table(mapping: Mapping[str, Any], css: str = "") -> str:
+#: Plain-language names of the usual fit-quality keys (others are shown as they are).
+_QUALITY_LABELS = {
+    "dice_core": "Dice, re-simulated vs observed core",
+    "dice_edema": "Dice, re-simulated vs observed edema",
+}
+
+
+def _key_value_table(mapping: Mapping[str, Any], css: str = "",
+                     labels: Mapping[str, str] | None = None) -> str:
     if not mapping:
         return "<p>none recorded</p>"
     cls = f' class="{css}"' if css else ""
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>"
-                   for k, v in _flatten(mapping))
+    labels = labels or {}
+    rows = "".join(f"<tr><th>{html.escape(labels.get(k, k))}</th>"
+                   f"<td>{html.escape(_fmt(v))}</td></tr>" for k, v in _flatten(mapping))
     return f"<table{cls}>{rows}</table>"
 
 
 def _volumes_table(volumes_ml: Mapping[str, float], coverage: Mapping[str, float] | None) -> str:
-    head = "<tr><th>structure</th><th>volume (mL)</th><th>recurrence coverage</th></tr>"
+    """Structure, volume and (when a recurrence is known) coverage, one row per structure."""
+    head = "<tr><th>structure</th><th>volume (mL)</th>"
+    head += "<th>recurrence coverage</th></tr>" if coverage else "</tr>"
     rows = []
     for name, volume in volumes_ml.items():
-        cov = "-" if not coverage or name not in coverage else f"{100 * float(coverage[name]):.1f} %"
-        rows.append(f"<tr><td>{html.escape(str(name))}</td><td class=\"num\">{float(volume):.1f}</td>"
-                    f"<td class=\"num\">{cov}</td></tr>")
+        cells = f"<td>{html.escape(str(name))}</td><td class=\"num\">{float(volume):.1f}</td>"
+        if coverage:
+            cov = f"{100 * float(coverage[name]):.1f} %" if name in coverage else "-"
+            cells += f"<td class=\"num\">{cov}</td>"
+        rows.append(f"<tr>{cells}</tr>")
     note = "" if coverage else "<p>Recurrence coverage: not known (no recurrence given).</p>"
     return f"<table>{head}{''.join(rows)}</table>{note}"
 
@@ -631,16 +654,18 @@ def _quality_section(fit_quality: Mapping[str, Any]) -> str:
     css = quality if quality in ("good", "poor") else "unknown"
     badge = f'<p>fit quality: <span class="badge {css}">{html.escape(quality)}</span></p>'
     reasons = [str(r) for r in fit_quality.get("reasons") or ()]
-    listed = ("<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in reasons) + "</ul>") if reasons else ""
+    listed = "".join(f"<li>{html.escape(r)}</li>" for r in reasons)
+    listed = f"<ul>{listed}</ul>" if reasons else ""
     rest = {k: v for k, v in fit_quality.items() if k not in ("quality", "reasons")}
-    return badge + listed + _key_value_table(rest)
+    return badge + listed + _key_value_table(rest, labels=_QUALITY_LABELS)
 
 
 def _warnings_section(warnings: Sequence[str]) -> str:
     if not warnings:
         return '<div class="nowarn">No warnings.</div>'
     items = "".join(f"<li>{html.escape(str(w))}</li>" for w in warnings)
-    return f'<div class="warnings"><strong>Warnings ({len(warnings)})</strong><ul>{items}</ul></div>'
+    return (f'<div class="warnings"><strong>Warnings ({len(warnings)})</strong>'
+            f"<ul>{items}</ul></div>")
 
 
 def _png_bytes(figure_png) -> bytes:
@@ -651,7 +676,8 @@ def _png_bytes(figure_png) -> bytes:
         try:
             data = source.read_bytes()
         except OSError as err:
-            raise InputError(source, f"cannot read the report figure ({err.strerror or err})") from None
+            raise InputError(source, f"cannot read the report figure "
+                             f"({err.strerror or err})") from None
     if not data.startswith(_PNG_SIGNATURE):
         raise InputError(source, "the report figure is not a PNG file")
     return data
@@ -687,7 +713,8 @@ def report_html(
 <div class="sub">{html.escape(sub)}. Research output of a tumour growth model; not a
 treatment plan.</div>
 {_warnings_section(warnings)}
-<img class="figure" alt="axial, coronal and sagittal slices of case {case}" src="data:image/png;base64,{encoded}">
+<img class="figure" alt="axial, coronal and sagittal slices of case {case}"
+ src="data:image/png;base64,{encoded}">
 <div class="cols">
 <section><h2>Volumes and recurrence coverage</h2>{_volumes_table(volumes_ml, coverage)}</section>
 <section><h2>Fit quality</h2>{_quality_section(fit_quality)}</section>
