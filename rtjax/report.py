@@ -5,8 +5,8 @@ canonical RAS arrays: the upper row the structures (core, edema, every CTV, the 
 on the background image, the lower row the fitted tumour cell density as a colour wash with
 a labelled colour scale. Each panel carries its orientation letters, the slice position in
 world mm (from the affine) and a 1 cm scale bar; pixels keep their physical aspect on
-anisotropic grids. A table under the images gives the volumes and, when a recurrence is
-known, the recurrence coverage of each CTV.
+anisotropic grids. Beside the images: the legend, a text strip with the volumes and, when
+a recurrence is known, the recurrence coverage of each CTV, and the density colour scale.
 
 Display convention: radiological by default (axial and coronal slices show the patient's
 right on the image's left, axial seen from the feet with anterior up, coronal seen from the
