@@ -67,7 +67,7 @@ RTSTRUCT_FILE = "rtstruct.dcm"
 MR_SERIES_DIR = "mr_t1c"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GRID_ATOL_MM = 1e-3
-_UINT16_MAX = 65535
+_STORED_MAX = 4095  # 12-bit, as MR scanners store
 _COLOURS = {"GTV": (255, 0, 0), "Edema": (255, 200, 0), "CTV_standard": (0, 128, 255),
             "CTV_model": (0, 200, 0)}
 _CUTOFF_COLOURS = [(200, 0, 200), (0, 200, 200), (160, 80, 0), (128, 128, 255), (255, 128, 128)]
@@ -203,24 +203,28 @@ def _mr_geometry(image: Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
 
 def _quantise(data: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """uint16 values and (slope, intercept) with value ~= slope * stored + intercept."""
+    """12-bit stored values and (lo, hi): stored = round((value - lo) / (hi - lo) * 4095)."""
     lo, hi = float(np.min(data)), float(np.max(data))
-    slope = float(_ds((hi - lo) / _UINT16_MAX)) if hi > lo else 1.0
-    intercept = float(_ds(lo))
-    stored = np.clip(np.round((data - intercept) / slope), 0, _UINT16_MAX).astype(np.uint16)
-    return stored, slope, intercept
+    scale = _STORED_MAX / (hi - lo) if hi > lo else 0.0
+    stored = np.clip(np.round((data - lo) * scale), 0, _STORED_MAX).astype(np.uint16)
+    return stored, lo, hi
 
 
 def write_mr_series(image: Image, out_dir: PathLike, *, patient: Mapping[str, str] | None = None,
                     study: Mapping[str, str] | None = None, study_uid: str | None = None,
                     frame_of_reference_uid: str | None = None,
-                    series_description: str = "rtjax T1c") -> ReferencedSeries:
+                    series_description: str = "rtjax T1c", patient_position: str = "HFS"
+                    ) -> ReferencedSeries:
     """Write ``image`` (e.g. the T1c) as a DICOM MR series, one file per slice of its third
     original axis (``MR0001.dcm``, ...), on its exact original grid.
 
-    Intensities are stored as uint16 with RescaleSlope/RescaleIntercept (a linear map of the
-    image's range; quantisation step (max - min) / 65535). New Study, Series and Frame of
-    Reference UIDs are made unless given. ``out_dir`` is created; it should be empty.
+    Intensities are stored as 12-bit values, a linear map of the image's range
+    (stored = round((value - min) / (max - min) * 4095), said in ImageComments), with a
+    window over the whole range; MR images carry no rescale slope/intercept (the MR IOD has
+    none, and planning systems window the stored values). PatientPosition is
+    ``patient_position`` (head first supine by default: it names the patient's position on
+    the table and changes no coordinate). New Study, Series and Frame of Reference UIDs are
+    made unless given. ``out_dir`` is created; it should be empty.
 
     Returns:
         The written series as a :class:`ReferencedSeries`.
@@ -229,10 +233,10 @@ def write_mr_series(image: Image, out_dir: PathLike, *, patient: Mapping[str, st
         InputError: the grid is sheared (not representable as DICOM slices).
     """
     out_dir = Path(out_dir)
-    patient, study = dict(patient or {}), dict(study or {})
+    patient, study = dict(patient or {}), {"StudyID": "1", **(study or {})}
     orientation, spacing, positions, lps = _mr_geometry(image)
     data = image.from_canonical(image.data)
-    stored, slope, intercept = _quantise(np.asarray(data, dtype=np.float64))
+    stored, lo, hi = _quantise(np.asarray(data, dtype=np.float64))
     study_uid = study_uid or str(study.get("StudyInstanceUID", "")) or generate_uid()
     frame_uid = frame_of_reference_uid or generate_uid()
     series_uid = generate_uid()
@@ -250,10 +254,11 @@ def write_mr_series(image: Image, out_dir: PathLike, *, patient: Mapping[str, st
         ds.Modality = "MR"
         ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 901
         ds.SeriesDescription = series_description
+        ds.PatientPosition, ds.OperatorsName, ds.BodyPartExamined = patient_position, "", "BRAIN"
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
         _equipment(ds)
         ds.InstanceNumber = k + 1
-        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
         ds.ImagePositionPatient = [_ds(v) for v in position]
         ds.ImageOrientationPatient = [_ds(v) for v in orientation]
         ds.PixelSpacing = [_ds(v) for v in spacing]
@@ -262,10 +267,13 @@ def write_mr_series(image: Image, out_dir: PathLike, *, patient: Mapping[str, st
         ds.SliceLocation = _ds(position @ normal)
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "RM", "NONE", ""
         ds.MRAcquisitionType, ds.EchoTime, ds.EchoTrainLength = "3D", "", ""
+        ds.RepetitionTime = ""
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = int(stored.shape[1]), int(stored.shape[0])
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = _ds(intercept), _ds(slope), "US"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.WindowCenter, ds.WindowWidth = _ds((_STORED_MAX + 1) / 2), _ds(_STORED_MAX + 1)
+        ds.ImageComments = (f"rtjax: stored = round((T1c - {lo:.6g}) / ({hi:.6g} - {lo:.6g}) "
+                            f"* {_STORED_MAX})")[:10240]
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).astype("<u2").tobytes()
         ds.save_as(out_dir / f"MR{k + 1:04d}.dcm", enforce_file_format=True)
     return ReferencedSeries(
@@ -388,7 +396,8 @@ def write_rtstruct(path: PathLike, rois: Mapping[str, np.ndarray], reference: Im
     _patient_study(ds, series.patient, series.study, series.study_instance_uid)
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID, ds.SeriesNumber = generate_uid(), 902
-    ds.SeriesDescription = description
+    ds.SeriesDescription, ds.OperatorsName = description, ""
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = series.frame_of_reference_uid, ""
     _equipment(ds)
     ds.InstanceNumber = 1
     ds.StructureSetLabel = label[:16]
