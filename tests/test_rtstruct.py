@@ -279,6 +279,20 @@ def test_rtstruct_round_trip_on_a_dicom_input_series(tmp_path):
     check_round_trip("DICOM-in coronal obl.", rois, reference, path, tmp_path / "case" / "t1c")
 
 
+def test_empty_roi_has_no_contours(tmp_path):
+    t1c = t1c_image(np.diag([-1.0, -1.0, 1.0, 1.0]), (10, 10, 6))
+    series = write_mr_series(t1c, tmp_path / "mr")
+    rois = {"GTV": ellipsoid(t1c, t1c.voxel_to_world(np.array([5, 5, 3])), (3, 3, 2)),
+            "Edema": np.zeros(t1c.shape, bool)}
+    path = write_rtstruct(tmp_path / "rt.dcm", rois, t1c, series)
+    ds = pydicom.dcmread(path)
+    assert [r.ROIName for r in ds.StructureSetROISequence] == ["GTV", "Edema"]
+    assert "ContourSequence" not in ds.ROIContourSequence[1]
+    masks, image = read_back(path, tmp_path / "mr")
+    assert not masks["Edema"].any()
+    assert masks["GTV"].sum() == rois["GTV"].sum() > 0
+
+
 def test_rtstruct_refuses_masks_on_another_grid(tmp_path):
     t1c = t1c_image(np.diag([-1.0, -1.0, 1.0, 1.0]), (8, 8, 6))
     series = write_mr_series(t1c, tmp_path / "mr")
