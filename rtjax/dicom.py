@@ -56,6 +56,7 @@ __all__ = [
     "find_series",
     "has_dicom_series",
     "load_series",
+    "parse_series",
     "read_series",
 ]
 
@@ -421,6 +422,30 @@ def load_series(source: PathLike | Sequence[PathLike], series_uid: str | None = 
 
 
 # --------------------------------------------------------------------------- a case
+
+
+def parse_series(pairs: Sequence[str] | None) -> dict[str, str] | None:
+    """``["t1c=1.2.3", "flair=1.2.4"]`` (the ``--series`` options) -> {role: UID}; None or
+    empty -> None.
+
+    Raises:
+        ValueError: not ROLE=UID, an unknown role, or a role given twice.
+    """
+    if not pairs:
+        return None
+    series: dict[str, str] = {}
+    for pair in pairs:
+        role, sep, uid = str(pair).partition("=")
+        role, uid = role.strip().lower(), uid.strip()
+        if not sep or not uid:
+            raise ValueError(f"--series {pair!r}: expected ROLE=SeriesInstanceUID")
+        if role not in IMAGE_ROLES:
+            raise ValueError(f"--series {pair!r}: unknown role {role!r}; expected "
+                             f"{', '.join(IMAGE_ROLES)}")
+        if role in series:
+            raise ValueError(f"--series: role {role!r} given twice")
+        series[role] = uid
+    return series
 
 
 def _role_sources(case_dir: Path, series: Mapping[str, str] | None) -> dict[str, tuple[Path, str | None]]:

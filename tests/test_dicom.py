@@ -23,6 +23,7 @@ from rtjax.dicom import (
     find_series,
     has_dicom_series,
     load_series,
+    parse_series,
     read_series,
 )
 from rtjax.errors import InputError
@@ -338,3 +339,12 @@ def test_missing_folder_and_empty_case(tmp_path):
         convert_case_dicom(tmp_path / "empty", tmp_path / "out")
     assert not has_dicom_series(tmp_path / "empty")
     assert not (tmp_path / "out").exists()
+
+
+def test_parse_series_options():
+    assert parse_series(["t1c=1.2.3", " FLAIR = 1.2.4 "]) == {"t1c": "1.2.3", "flair": "1.2.4"}
+    assert parse_series(None) is None and parse_series([]) is None
+    for bad, message in [(["t1c"], "ROLE=SeriesInstanceUID"), (["seg=1.2"], "unknown role"),
+                         (["t1c=1", "t1c=2"], "twice"), (["t1c="], "ROLE=")]:
+        with pytest.raises(ValueError, match=message):
+            parse_series(bad)
