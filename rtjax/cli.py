@@ -343,6 +343,24 @@ def segment(
                f"edema {masks.edema.sum() * ml:.1f}, whole tumour {masks.whole.sum() * ml:.1f}")
 
 
+@_command("export-rtstruct")
+def export_rtstruct(
+    out_dir: Annotated[Path, typer.Argument(help="A finished `rtjax run` output folder.")],
+    t1c: Annotated[Optional[Path], typer.Option("--t1c", help="T1c NIfTI for the MR series (default: params.json inputs).")] = None,
+) -> None:
+    """Write rtstruct.dcm (GTV, Edema, CTV_standard_<margin>mm, CTV_model, each cutoff CTV)
+    into a run's output folder, referring to the case's DICOM series when it came as DICOM,
+    else to an MR series written from the T1c (mr_t1c/)."""
+    from rtjax.rtstruct import export_rtstruct as export
+
+    result = export(out_dir, t1c=t1c)
+    for name, roi in result["rois"].items():
+        typer.echo(f"{name}: {roi['volume_ml']:.2f} mL")
+    typer.echo(f"wrote {result['rtstruct']} (series {result['referenced_series']})")
+    if result["mr_series"] is not None:
+        typer.echo(f"wrote {result['mr_series']}/")
+
+
 @_command()
 def version() -> None:
     """Print the rtjax, JAX and device versions."""
