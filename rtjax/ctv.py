@@ -17,6 +17,9 @@ axis (``Image.spacing``), and distances are measured between voxel centres in mm
 - Model CTV: tumour cell density >= cutoff (:func:`model_ctv`); the iso-volumetric cutoff
   matches the volume of a target (usually the standard CTV) within 1 %
   (:func:`isovolumetric_cutoff`).
+- Probabilistic CTV: over an ensemble of fitted densities, the fraction of members whose
+  iso-volumetric CTV holds a voxel (:func:`ctv_probability`), and the CTV of a target volume
+  ranked by that probability (ties by the mean density; :func:`probability_ranked_ctv`).
 - Nested families of CTVs for sweeps and coverage curves (:class:`CTVFamily`,
   :func:`margin_family`, :func:`density_family`, :func:`margin_sweep`,
   :func:`cutoff_sweep`).
@@ -40,6 +43,7 @@ __all__ = [
     "DISTANCE_TOL_MM",
     "CTVFamily",
     "constrained_ctv",
+    "ctv_probability",
     "cutoff_sweep",
     "density_family",
     "euclidean_distance",
@@ -48,6 +52,7 @@ __all__ = [
     "margin_family",
     "margin_sweep",
     "model_ctv",
+    "probability_ranked_ctv",
     "standard_ctv",
 ]
 
@@ -402,6 +407,60 @@ def isovolumetric_cutoff(
         )
     cutoff = float(cutoff)
     return cutoff, arr >= cutoff
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def ctv_probability(densities, target, *, inside=None, rtol: float = 0.01) -> tuple[np.ndarray, list[float]]:
+    """Per-voxel probability of belonging to the CTV over an ensemble of densities.
+
+    Each member's iso-volumetric CTV (:func:`isovolumetric_cutoff` against ``target``,
+    restricted to ``inside`` when given) is one vote; the probability is the fraction of
+    members whose CTV holds the voxel.
+
+    Args:
+        densities: (members, X, Y, Z) densities in [0, 1] (or a sequence of them).
+        target: the volume to match: a voxel count or a boolean mask (the standard CTV).
+        inside: optional boolean mask (the brain) outside which no CTV reaches.
+        rtol: volume tolerance of each member's cutoff.
+
+    Returns:
+        (probability float32 (X, Y, Z) in [0, 1] with values k / members, the members'
+        cutoffs).
+    """
+    stack = [_as_density(d) for d in densities]
+    if not stack:
+        raise ValueError("ctv_probability needs at least one density")
+    votes = np.zeros(stack[0].shape, np.int32)
+    cutoffs = []
+    keep = None if inside is None else _as_mask(inside, "inside")
+    for density in stack:
+        if density.shape != stack[0].shape:
+            raise ValueError(f"member densities differ in shape: {density.shape} vs {stack[0].shape}")
+        if keep is not None:
+            density = np.where(keep, density, 0.0)
+        cutoff, ctv = isovolumetric_cutoff(density, target, rtol=rtol)
+        votes += ctv
+        cutoffs.append(cutoff)
+    return (votes / len(stack)).astype(np.float32), cutoffs
+
+
+def probability_ranked_ctv(probability, mean_density, target) -> np.ndarray:
+    """The CTV of exactly the target's voxel count holding the most probable voxels
+    (ties broken by the mean density, then by voxel order): the probabilistic CTV at equal
+    volume. Returns bool of ``probability.shape``."""
+    probability = np.asarray(probability, np.float64)
+    mean_density = _as_density(mean_density)
+    if probability.shape != mean_density.shape:
+        raise ValueError(f"probability {probability.shape} and mean density {mean_density.shape} differ")
+    goal = _target_voxels(target, probability.shape)
+    if goal > probability.size:
+        raise ValueError(f"target {goal} voxels exceeds the grid ({probability.size} voxels)")
+    order = np.lexsort((-mean_density.ravel(), -probability.ravel()))
+    out = np.zeros(probability.size, bool)
+    out[order[:goal]] = True
+    return out.reshape(probability.shape)
 
 
 # --------------------------------------------------------------------------- families

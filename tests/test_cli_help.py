@@ -58,7 +58,7 @@ def test_help_of_every_command(command):
 
 
 def test_help_shows_the_defaults_literally():
-    out = CliRunner().invoke(app, ["run", "--help"]).output
+    out = " ".join(CliRunner().invoke(app, ["run", "--help"]).output.split())  # unwrap lines
     assert "[default: 15]" in out and "[default: network]" in out and "[default: 150]" in out
     assert "wm/gm[/csf]" in CliRunner().invoke(app, ["simulate", "--help"]).output
 

@@ -9,15 +9,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from rtjax.ctv import isovolumetric_cutoff, standard_ctv
 from rtjax.experiments.cohort_study import (
     FAMILIES,
     downsample_image,
     relative_coverage,
     run_cohort_study,
 )
-from rtjax.ctv import isovolumetric_cutoff, standard_ctv
 from rtjax.io import Image
 from rtjax.study import CoverageCurve
+
+pytestmark = pytest.mark.slow  # the module's cohort takes ~1.5 min to generate and fit
 
 SHAPE = (25, 30, 24)
 CASE_FILES = {"seg", "wm", "gm", "csf", "brain_mask", "recurrence"}

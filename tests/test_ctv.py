@@ -6,6 +6,7 @@ import pytest
 
 from rtjax.ctv import (
     CTVFamily,
+    _fast_marching_distance,
     constrained_ctv,
     cutoff_sweep,
     density_family,
@@ -17,7 +18,6 @@ from rtjax.ctv import (
     model_ctv,
     standard_ctv,
 )
-from rtjax.ctv import _fast_marching_distance
 from rtjax.io import load_image, load_tumour_masks
 from rtjax.labels import LabelWarning
 
@@ -312,3 +312,28 @@ def test_standard_ctv_reproduces_the_authors_15mm_plan(gliodil):
     assert dice >= 0.99  # measured: 1.0 (identical masks, 350794 voxels = 350.8 mL)
     assert ctv.sum() * labels.voxel_volume_ml == pytest.approx(350.8, abs=0.5)
     assert _dice(standard_ctv(masks.core, brain.data, labels.spacing, 13.0), plan.data) < dice
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def test_ctv_probability_counts_member_votes_exactly():
+    from rtjax.ctv import ctv_probability, probability_ranked_ctv
+
+    # three 1-D "densities" on 6 voxels; each member's 2-voxel iso-volumetric CTV is known
+    members = np.array([[0.9, 0.8, 0.1, 0.0, 0.0, 0.0],
+                        [0.9, 0.1, 0.8, 0.0, 0.0, 0.0],
+                        [0.2, 0.9, 0.8, 0.0, 0.0, 0.0]])
+    probability, cutoffs = ctv_probability(members, 2)
+    np.testing.assert_allclose(probability, [2 / 3, 2 / 3, 2 / 3, 0, 0, 0])
+    np.testing.assert_allclose(cutoffs, [0.8, 0.8, 0.8])
+    # outside the brain no member's CTV reaches: voxel 0 is excluded
+    inside = np.array([False, True, True, True, True, True])
+    probability, _ = ctv_probability(members, 2, inside=inside)
+    np.testing.assert_allclose(probability, [0, 1, 1, 0, 0, 0])
+    # ranked CTV of 2 voxels: by probability, ties by the mean density
+    mean = members.mean(axis=0)
+    ranked = probability_ranked_ctv(np.array([1, 0.5, 0.5, 0, 0, 0]), mean, 2)
+    np.testing.assert_array_equal(ranked, [True, True, False, False, False, False])
+    with pytest.raises(ValueError, match="at least one"):
+        ctv_probability([], 2)

@@ -10,14 +10,15 @@ import yaml
 from typer.testing import CliRunner
 
 from rtjax.atlas import atlas_tissue_paths
-from rtjax.experiments.benchmark import benchmark_solver, format_table
 from rtjax.cli import app
+from rtjax.experiments.benchmark import benchmark_solver, format_table
 from rtjax.experiments.demo import DEMO_PATIENT, demo_summary, run_demo
 from rtjax.metrics import dice
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_on_the_synthetic_patient(tmp_path):
     out = tmp_path / "demo"
     patient = {"days": 150.0, "rho": 0.04, "recurrence_days": 60.0}
@@ -58,6 +59,7 @@ def test_demo_config_file_matches_the_built_in_patient():
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()} == DEMO_PATIENT
 
 
+@pytest.mark.slow
 def test_benchmark_prints_jax_and_numpy_side_by_side():
     rows = benchmark_solver(jax_steps=4, numpy_steps=1, quick=True)
     by_name = {r.case: r for r in rows}

@@ -4,6 +4,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from rtjax.cli import app
@@ -19,6 +20,7 @@ def test_spread_ratio_of_an_analytic_ellipsoid():
     assert abs(spread_along_fibre(density, (1.0, 1.0, 1.0), v) - 2.0) < 0.02
 
 
+@pytest.mark.slow
 def test_tumour_in_the_corticospinal_tract_elongates_along_its_fibres(data_dir, tmp_path):
     (run,) = run_fibre_study(data_dir, tmp_path, tracts=("corticospinal tract",), days=100.0)
     assert abs(run.fibre_direction[2]) > 0.8  # superior-inferior fibres at the seed
@@ -29,6 +31,7 @@ def test_tumour_in_the_corticospinal_tract_elongates_along_its_fibres(data_dir, 
     assert (tmp_path / "fibre_study.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_simulate_command_with_fa_and_peaks(data_dir, tmp_path):
     from rtjax.atlas import atlas_tissue_paths
     from rtjax.io import load_image, resample_image, save_image

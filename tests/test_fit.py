@@ -44,6 +44,7 @@ def synthetic_case():
     return wm, gm, density, core, edema
 
 
+@pytest.mark.slow
 def test_refinement_recovers_known_parameters(synthetic_case):
     wm, gm, density, core, edema = synthetic_case
     initial = heuristic_estimate(core, edema, GRID.spacing)

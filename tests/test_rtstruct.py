@@ -18,6 +18,7 @@ import pydicom
 import pytest
 import shapely
 import SimpleITK as sitk
+from test_dicom import distinct, make_affine, write_series
 from typer.testing import CliRunner
 
 from rtjax.cli import app
@@ -35,7 +36,6 @@ from rtjax.rtstruct import (
     write_mr_series,
     write_rtstruct,
 )
-from test_dicom import distinct, make_affine, write_series
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 TABLE: list[tuple[str, str, float, float, float]] = []

@@ -86,6 +86,7 @@ def test_nested_masks_from_probabilities():
     assert m.necrosis[:, 0, 0].tolist() == [False, False, False, True]
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_synthetic_case():
     import optax
 
