@@ -2,8 +2,11 @@
 
 Heavy modules (JAX, nibabel, nilearn) are imported inside the commands, so `rtjax --help`
 stays fast. Every command runs inside one error path (`_command`): a bad input, a bad
-option or a filesystem error is one line `error: ...` on stderr and exit code 2, never a
-traceback; warnings print as `warning: ...` lines.
+option or a filesystem error is one line `error: ...` on stderr (one per bad option) and
+exit code 2, never a traceback; warnings print as `warning: ...` lines.
+
+`--cutoff`, `--series` and `--names` take several values after one flag
+(``--cutoff 0.01 0.1``) as well as repeated flags (``--cutoff 0.01 --cutoff 0.1``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(
     help="rtjax: personalised glioma radiotherapy target volumes from MRI (JAX).",
@@ -28,8 +32,54 @@ Coordinate = tuple[float, float, float]
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    for line in str(message).splitlines() or [""]:
+        typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _is_number(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_pair(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+#: Options that take several values after one flag, and what such a value looks like.
+_MULTI_VALUE = {"--cutoff": _is_number, "--series": _is_pair, "--names": _is_pair}
+
+
+def expand_multi_values(args: list[str]) -> list[str]:
+    """``--cutoff 0.01 0.1`` -> ``--cutoff 0.01 --cutoff 0.1`` (the same for ``--series`` and
+    ``--names`` pairs); everything after ``--`` is left alone."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        out.append(arg)
+        i += 1
+        if arg == "--":
+            out += args[i:]
+            break
+        looks = _MULTI_VALUE.get(arg)
+        if looks is None or i >= len(args):
+            continue
+        out.append(args[i])  # the flag's own value, whatever it is
+        i += 1
+        while i < len(args) and looks(args[i]):
+            out += [arg, args[i]]
+            i += 1
+    return out
+
+
+class _MultiValueCommand(TyperCommand):
+    """A command whose `_MULTI_VALUE` options take several values after one flag."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, expand_multi_values(list(args)))
 
 
 def _os_error_message(err: OSError) -> str:
@@ -107,37 +157,74 @@ def simulate(
     typer.echo(f"wrote {sidecar}")
 
 
-@_command()
+#: Options naming one input file each (role -> help); `run` and `fit` have them all.
+_FILE_HELP = {
+    "t1c": "T1c image.", "flair": "FLAIR image.", "t1": "T1 image (atlas registration).",
+    "seg": "Tumour segmentation (labels in --labels).", "brain_mask": "Brain mask.",
+    "recurrence": "Recurrence mask (coverage).", "wm": "White-matter probability map.",
+    "gm": "Grey-matter probability map.", "csf": "CSF probability map.",
+    "edema": "Edema mask as a separate file (TUM/Lipkova FLAIR masks).",
+}
+_NAMES_HELP = ("ROLE=PATTERN: the file of a role found by a glob pattern in each case folder, "
+               "e.g. --names seg=segm.nii.gz brain_mask=brainMask* (repeatable; roles: t1c, "
+               "flair, t1, t2, seg, wm, gm, csf, brain_mask, recurrence, edema).")
+
+def _file_option(role: str):
+    flag = "--" + role.replace("_", "-")
+    return Annotated[Optional[Path], typer.Option(flag, help=f"{_FILE_HELP[role]} A bare file "
+                                                  "name is taken in the case folder.")]
+
+
+def _overrides(**files) -> dict[str, Path]:
+    """The role -> file mapping of the file options given (the lead's --tensor/--fa/--peaks
+    join here)."""
+    return {role: path for role, path in files.items() if path is not None}
+
+
+@_command(cls=_MultiValueCommand)
 def fit(
     case_dir: Annotated[Path, typer.Argument(help="Case folder with seg (else t1c + flair, segmented), wm + gm (else the registered atlas).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     labels: Annotated[str, typer.Option("--labels", help="Label convention of seg: brats2021, brats2023, brats2015, gliodil, tum.")],
     ignore_labels: Annotated[Optional[list[int]], typer.Option("--ignore-labels", help="Label values to drop explicitly (repeatable).")] = None,
-    seg: Annotated[Optional[Path], typer.Option("--seg", help="Segmentation file (default: found in the folder).")] = None,
-    wm: Annotated[Optional[Path], typer.Option("--wm", help="White-matter probability map.")] = None,
-    gm: Annotated[Optional[Path], typer.Option("--gm", help="Grey-matter probability map.")] = None,
-    edema: Annotated[Optional[Path], typer.Option("--edema", help="Edema mask as a separate file (TUM/Lipkova FLAIR masks).")] = None,
+    t1c: _file_option("t1c") = None,
+    flair: _file_option("flair") = None,
+    t1: _file_option("t1") = None,
+    seg: _file_option("seg") = None,
+    brain_mask: _file_option("brain_mask") = None,
+    recurrence: _file_option("recurrence") = None,
+    wm: _file_option("wm") = None,
+    gm: _file_option("gm") = None,
+    csf: _file_option("csf") = None,
+    edema: _file_option("edema") = None,
+    names: Annotated[Optional[list[str]], typer.Option("--names", help=_NAMES_HELP)] = None,
     start: Annotated[str, typer.Option("--start", help="Starting estimate: network or heuristic.")] = "network",
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Inverse-network weights folder (default: shipped).")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Refinement iterations at most.")] = 150,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Fit the growth model to a case: inverse network, then gradient refinement through the
-    solver; writes density.nii.gz and params.json on the input grid. A case without seg is
-    segmented from t1c + flair, one without wm/gm gets the atlas registered (tissue/)."""
+    solver; writes density.nii.gz and params.json (with the fit quality) on the input grid.
+    A case without seg is segmented from t1c + flair, one without wm/gm gets the atlas
+    registered (tissue/)."""
     from growth.fit import FitConfig
     from rtjax.pipeline.case import fit_case_dir
+    from rtjax.pipeline.options import RunOptions, parse_names
 
-    overrides = {k: v for k, v in (("seg", seg), ("wm", wm), ("gm", gm), ("edema", edema)) if v}
+    options = RunOptions(labels=labels, ignore_labels=tuple(ignore_labels or ()), start=start,
+                         iterations=iterations, names=parse_names(names))
+    overrides = _overrides(t1c=t1c, flair=flair, t1=t1, seg=seg, brain_mask=brain_mask,
+                           recurrence=recurrence, wm=wm, gm=gm, csf=csf, edema=edema)
     result, paths = fit_case_dir(
-        case_dir, out, labels=labels, ignore_labels=ignore_labels or (),
-        overrides=overrides, initial=start, weights=weights, progress=progress,
-        config=FitConfig(max_iterations=iterations),
+        case_dir, out, labels=options.labels, ignore_labels=options.ignore_labels,
+        overrides=overrides, names=options.names, initial=options.start, weights=weights,
+        progress=progress, config=FitConfig(max_iterations=options.iterations),
     )
     info = result.info
     typer.echo(f"Dice of the re-simulated core {info['dice_core']:.3f}, edema {info['dice_edema']:.3f}; "
                f"sqrt(Dw T) = {info['scaled_parameters']['sqrt_dw_t_mm']:.2f} mm, "
-               f"sqrt(rho T) = {info['scaled_parameters']['sqrt_rho_t']:.2f}")
+               f"sqrt(rho T) = {info['scaled_parameters']['sqrt_rho_t']:.2f}; "
+               f"fit quality {info['quality']}")
     for path in paths:
         typer.echo(f"wrote {path}")
 
@@ -145,79 +232,129 @@ def fit(
 _RUN_HELP = {
     "labels": "Label convention of seg: brats2021, brats2023, brats2015, gliodil, tum.",
     "ignore_labels": "Label values to drop explicitly (repeatable).",
-    "margin_mm": "Standard CTV margin from the tumour core, mm [default: 15].",
+    "margin_mm": "Standard CTV margin from the tumour core, mm, more than 0 and at most 50 [default: 15].",
     "start": "Fit start: network or heuristic [default: network].",
     "iterations": "Refinement iterations at most [default: 150].",
+    "cutoff": "Density cutoffs in (0, 1) of extra model CTVs ctv_model_c<cutoff>.nii.gz, "
+              "e.g. --cutoff 0.01 0.1 (at most 4).",
+    "rtstruct": "Also write rtstruct.dcm, a DICOM RT Structure Set for a planning system.",
     "config": "YAML mapping of these option names (labels, ignore_labels, margin_mm, start, "
-              "iterations); command-line values win.",
+              "iterations, cutoffs, rtstruct, names); command-line values win.",
 }
 
 
 def _run_options(config, **given):
-    """Resolve --config and the command line into run_case keyword arguments."""
-    from rtjax.pipeline.options import resolve_options
+    """Resolve --config and the command line into run_case keyword arguments (every option
+    checked here, before any work)."""
+    from rtjax.pipeline.options import parse_names, resolve_options
 
+    given["names"] = parse_names(given.get("names"))
     options = resolve_options(config, **given)
     return {"labels": options["labels"], "ignore_labels": tuple(options["ignore_labels"]),
             "margin_mm": options["margin_mm"], "initial": options["start"],
-            "fit_iterations": options["iterations"]}
+            "fit_iterations": options["iterations"], "cutoffs": tuple(options["cutoffs"]),
+            "rtstruct": options["rtstruct"], "names": options["names"]}
 
 
-@_command()
-def run(
-    case_dir: Annotated[Path, typer.Argument(help="Case folder with seg (else t1c + flair, segmented), wm + gm (else the registered atlas) [brain_mask, recurrence, t1c, flair].")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder (written via OUT.partial, then renamed).")],
-    labels: Annotated[Optional[str], typer.Option("--labels", help=_RUN_HELP["labels"])] = None,
-    ignore_labels: Annotated[Optional[list[int]], typer.Option("--ignore-labels", help=_RUN_HELP["ignore_labels"])] = None,
-    margin_mm: Annotated[Optional[float], typer.Option("--margin-mm", help=_RUN_HELP["margin_mm"])] = None,
-    start: Annotated[Optional[str], typer.Option("--start", help=_RUN_HELP["start"])] = None,
-    iterations: Annotated[Optional[int], typer.Option("--iterations", help=_RUN_HELP["iterations"])] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help=_RUN_HELP["config"])] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-) -> None:
-    """The whole pipeline for one case: segmentation (if no seg), atlas tissue (if no wm/gm),
-    fit, density, standard and iso-volumetric model CTVs, recurrence coverage when a
-    recurrence is given, and a report figure, all on the input grid."""
-    from rtjax.pipeline.case import run_case
-
-    options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
-                           margin_mm=margin_mm, start=start, iterations=iterations)
-    summary = run_case(case_dir, out, progress=progress, **options)
+def _echo_case(summary, out: Path) -> None:
     typer.echo(f"standard CTV {summary['standard_volume_ml']:.1f} mL, model CTV "
-               f"{summary['model_volume_ml']:.1f} mL (density >= {summary['cutoff']:.4g})")
+               f"{summary['model_volume_ml']:.1f} mL (density >= {summary['cutoff']:.4g})"
+               + "".join(f", {e['volume_ml']:.1f} mL at density >= {e['cutoff']:g}"
+                         for e in summary["cutoff_ctvs"]))
     if summary["coverage"]:
         cov = summary["coverage"]
         typer.echo(f"recurrence coverage: standard {100 * cov['standard_coverage']:.1f} %, "
-                   f"model {100 * cov['model_coverage']:.1f} %")
+                   f"model {100 * cov['model_coverage']:.1f} %"
+                   + "".join(f", {100 * e['coverage']:.1f} % at density >= {e['cutoff']:g}"
+                             for e in cov["cutoff_ctvs"]))
+    typer.echo(f"fit quality: {summary['quality']} (Dice core {summary['dice_core']:.2f}, "
+               f"edema {summary['dice_edema']:.2f})")
     for name in summary["outputs"]:
         typer.echo(f"wrote {out / name}")
 
 
-@_command()
-def cohort(
-    cohort_dir: Annotated[Path, typer.Argument(help="Folder of case folders (each as for `rtjax run`).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: one folder per case, summary.csv, errors.log, study figures.")],
+@_command(cls=_MultiValueCommand)
+def run(
+    case_dir: Annotated[Path, typer.Argument(help="Case folder with seg (else t1c + flair, segmented), wm + gm (else the registered atlas) [brain_mask, recurrence, t1c, flair], or DICOM series (t1c/, flair/ subfolders, or --series).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (written via OUT.partial, then renamed; an existing non-empty one is refused unless --overwrite).")],
     labels: Annotated[Optional[str], typer.Option("--labels", help=_RUN_HELP["labels"])] = None,
     ignore_labels: Annotated[Optional[list[int]], typer.Option("--ignore-labels", help=_RUN_HELP["ignore_labels"])] = None,
+    t1c: _file_option("t1c") = None,
+    flair: _file_option("flair") = None,
+    t1: _file_option("t1") = None,
+    seg: _file_option("seg") = None,
+    brain_mask: _file_option("brain_mask") = None,
+    recurrence: _file_option("recurrence") = None,
+    wm: _file_option("wm") = None,
+    gm: _file_option("gm") = None,
+    csf: _file_option("csf") = None,
+    edema: _file_option("edema") = None,
+    names: Annotated[Optional[list[str]], typer.Option("--names", help=_NAMES_HELP)] = None,
+    series: Annotated[Optional[list[str]], typer.Option("--series", help="ROLE=SeriesInstanceUID: pick each role's DICOM series from the files under the case folder, e.g. --series t1c=1.2.3 flair=1.2.4.")] = None,
     margin_mm: Annotated[Optional[float], typer.Option("--margin-mm", help=_RUN_HELP["margin_mm"])] = None,
+    cutoff: Annotated[Optional[list[float]], typer.Option("--cutoff", help=_RUN_HELP["cutoff"])] = None,
+    rtstruct: Annotated[Optional[bool], typer.Option("--rtstruct/--no-rtstruct", help=_RUN_HELP["rtstruct"], show_default=False)] = None,
+    start: Annotated[Optional[str], typer.Option("--start", help=_RUN_HELP["start"])] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help=_RUN_HELP["iterations"])] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help=_RUN_HELP["config"])] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier rtjax output in --out.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """The whole pipeline for one case: segmentation (if no seg), atlas tissue (if no wm/gm),
+    fit, density, standard, iso-volumetric and cutoff model CTVs, recurrence coverage when a
+    recurrence is given, the fit-quality gate, report.png and report.html, all on the input
+    grid. Every option and input is checked before any heavy work."""
+    from rtjax.dicom import parse_series
+    from rtjax.pipeline.case import run_case
+
+    options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
+                           margin_mm=margin_mm, start=start, iterations=iterations,
+                           cutoffs=cutoff, rtstruct=rtstruct, names=names)
+    overrides = _overrides(t1c=t1c, flair=flair, t1=t1, seg=seg, brain_mask=brain_mask,
+                           recurrence=recurrence, wm=wm, gm=gm, csf=csf, edema=edema)
+    summary = run_case(case_dir, out, overrides=overrides, series=parse_series(series),
+                       overwrite=overwrite, progress=progress, **options)
+    _echo_case(summary, out)
+
+
+@_command(cls=_MultiValueCommand)
+def cohort(
+    cohort_dir: Annotated[Path, typer.Argument(help="Folder of case folders (each as for `rtjax run`).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: one folder per case, summary.csv, errors.log, study figures, cohort.json.")],
+    labels: Annotated[Optional[str], typer.Option("--labels", help=_RUN_HELP["labels"])] = None,
+    ignore_labels: Annotated[Optional[list[int]], typer.Option("--ignore-labels", help=_RUN_HELP["ignore_labels"])] = None,
+    names: Annotated[Optional[list[str]], typer.Option("--names", help=_NAMES_HELP)] = None,
+    margin_mm: Annotated[Optional[float], typer.Option("--margin-mm", help=_RUN_HELP["margin_mm"])] = None,
+    cutoff: Annotated[Optional[list[float]], typer.Option("--cutoff", help=_RUN_HELP["cutoff"])] = None,
+    rtstruct: Annotated[Optional[bool], typer.Option("--rtstruct/--no-rtstruct", help=_RUN_HELP["rtstruct"], show_default=False)] = None,
     start: Annotated[Optional[str], typer.Option("--start", help=_RUN_HELP["start"])] = None,
     iterations: Annotated[Optional[int], typer.Option("--iterations", help=_RUN_HELP["iterations"])] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help=_RUN_HELP["config"])] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: run only cases i (sorted, 0-based) with i % N == K-1, e.g. one cluster array job per shard.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="Only 1: JAX already uses every core; parallelise with one process per --shard.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Use an --out made with other options (or not by rtjax cohort), redoing the cases made with other options.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Run every case of a cohort: resumable (finished cases are skipped, interrupted ones
-    redone), a failing case is logged and the others go on; summary.csv and, with >= 2
-    recurrences, the coverage study at the end. Exit code 1 when some case failed."""
+    redone), a failing case is logged with its reason and the others go on; summary.csv
+    (with a fit-quality column) and, with >= 2 recurrences, the coverage study at the end.
+    Exit code 1 when some case failed."""
     from rtjax.pipeline.cohort import run_cohort
+    from rtjax.pipeline.options import parse_shard
 
     options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
-                           margin_mm=margin_mm, start=start, iterations=iterations)
-    result = run_cohort(cohort_dir, out, shard=shard, jobs=jobs, progress=progress, **options)
+                           margin_mm=margin_mm, start=start, iterations=iterations,
+                           cutoffs=cutoff, rtstruct=rtstruct, names=names)
+    parse_shard(shard)
+    result = run_cohort(cohort_dir, out, shard=shard, jobs=jobs, progress=progress,
+                        overwrite=overwrite, **options)
     typer.echo(f"{len(result.processed) + len(result.skipped)} done "
                f"({len(result.processed)} run now, {len(result.skipped)} already done), "
-               f"{len(result.failed)} failed")
+               f"{len(result.failed)} failed"
+               + (f", {len(result.busy)} running in another process" if result.busy else ""))
+    poor = [row["case"] for row in result.rows if row.get("quality") == "poor"]
+    if poor:
+        typer.echo(f"fit quality poor (see summary.csv, quality_reasons): {', '.join(poor)}")
     for case, message in result.failed:
         typer.secho(f"failed {case}: {message}", fg=typer.colors.RED, err=True)
     for path in result.files:

@@ -35,6 +35,7 @@ __all__ = [
     "SAVE_KINDS",
     "Case",
     "Image",
+    "check_files_on_one_grid",
     "check_same_grid",
     "find_case_files",
     "load_case",
@@ -652,6 +653,30 @@ def check_same_grid(images: Mapping[str, Image], *, atol_mm: float = 1e-3) -> No
                 f"{label}affine differs from that of {ref_where} by up to {diff:.4g} mm "
                 f"(tolerance {atol_mm:g} mm)",
             )
+
+
+@dataclass(frozen=True)
+class _HeaderGrid:
+    """The grid of a file from its header alone (what :func:`check_same_grid` compares)."""
+
+    path: Path
+    original_shape: tuple[int, int, int]
+    original_affine: np.ndarray
+
+
+def check_files_on_one_grid(files: Mapping[str, PathLike], *, atol_mm: float = 1e-3) -> None:
+    """:func:`check_same_grid` from the files' headers alone (no voxel data is read), so
+    that a pipeline can check its inputs before any heavy work. 4-D files are not allowed.
+
+    Raises:
+        InputError: a missing or unreadable file, not 3-D, or grids that differ.
+    """
+    grids = {}
+    for name, path in files.items():
+        path = Path(path)
+        img = _open_nifti(path)
+        grids[name] = _HeaderGrid(path, _shape_3d(img.shape, path), np.asarray(img.affine, float))
+    check_same_grid(grids, atol_mm=atol_mm)
 
 
 # --------------------------------------------------------------------------- tumours

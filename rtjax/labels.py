@@ -197,6 +197,36 @@ def _format_counts(counts: dict[int, int]) -> str:
     return ", ".join(f"{v} ({n} voxels)" for v, n in sorted(counts.items()))
 
 
+#: Unexpected values holding at most this fraction of the labelled voxels may be strays.
+STRAY_FRACTION = 0.01
+
+
+def _label_hint(counts, conv, unexpected, ignored) -> str:
+    """What to do about unexpected label values, in command-line words: a convention that
+    fits every value present, and ``--ignore-labels`` only for values so rare that they are
+    stray voxels (dropping a real tumour label is never the fix)."""
+    present = {v for v in counts if v != 0} - set(ignored)
+    labelled = sum(n for v, n in counts.items() if v != 0)
+    fits = " or ".join(f"--labels {c.name}" for c in CONVENTIONS.values()
+                       if c.name != conv.name and present <= c.known_labels)
+    stray = sorted(v for v, n in unexpected.items() if n <= STRAY_FRACTION * labelled)
+    many = sorted(set(unexpected) - set(stray))
+    drop = " ".join(f"--ignore-labels {v}" for v in stray)
+    if not many:
+        hints = [f"if they are stray voxels, drop them with {drop}"]
+        if fits:
+            hints.append(f"if the file follows another convention, use {fits}")
+        return "; ".join(hints)
+    hints = [f"the values fit {fits}: check which convention the file uses" if fits
+             else f"check --labels (one of {', '.join(CONVENTIONS)})"]
+    if stray:
+        hints.append(f"if {', '.join(map(str, stray))} are stray voxels, drop them with {drop}")
+    share = ", ".join(f"{v} ({100 * unexpected[v] / labelled:.0f} %)" for v in many)
+    hints.append(f"label(s) {share} of the labelled voxels are too many to be strays: "
+                 "do not ignore them")
+    return "; ".join(hints)
+
+
 def split_labels(
     labels: np.ndarray,
     convention: str | LabelConvention,
@@ -230,12 +260,10 @@ def split_labels(
     unexpected = {v: n for v, n in counts.items() if v not in conv.known_labels | ignored}
     if unexpected:
         expected = ", ".join(str(v) for v in sorted(conv.known_labels))
-        values = tuple(sorted(unexpected))
         raise InputError(
             source,
             f"unexpected label values {_format_counts(unexpected)} for label convention "
-            f"{conv.name!r} (expected {expected}); check the convention, or pass "
-            f"ignore_labels={values} to set them to background explicitly",
+            f"{conv.name!r} (expected {expected}); {_label_hint(counts, conv, unexpected, ignored)}",
         )
     dropped = {v: n for v, n in counts.items() if v in ignored}
     if dropped:

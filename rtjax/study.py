@@ -280,14 +280,16 @@ def case_coverage(
 
 def cohort_table(cases: Sequence[CaseCoverage]) -> str:
     """CSV text, one row per case, columns the :class:`CaseCoverage` fields (volumes in
-    mL, coverages as fractions); ``None`` is an empty cell; floats at full precision."""
+    mL, coverages as fractions); ``None`` is an empty cell; floats to 12 significant digits
+    (no float noise such as 1402.2930000000001)."""
     columns = [f.name for f in fields(CaseCoverage)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
+    cell = lambda v: "" if v is None else format(v, ".12g") if isinstance(v, float) else v  # noqa: E731
     for case in cases:
         row = case.to_dict()
-        writer.writerow(["" if row[c] is None else row[c] for c in columns])
+        writer.writerow([cell(row[c]) for c in columns])
     return buffer.getvalue()
 
 
@@ -395,6 +397,11 @@ def plot_cohort(cases: Sequence[CaseCoverage], path: str | Path, *, title: str =
         right.plot(xs, ys, "o")
         hi = float(max(xs.max(), ys.max())) * 1.05
         right.plot([0, hi], [0, hi], color="grey", lw=0.8, ls="--")
+    missing = len(cases) - len(pairs)
+    if missing:
+        right.text(0.02, 0.98, f"{missing} of {len(cases)} case(s) not shown: a CTV family "
+                   "never covers the whole recurrence", transform=right.transAxes, va="top",
+                   fontsize=8, gid="missing-note")
     right.set_xlabel("standard CTV volume for 100 % coverage (mL)")
     right.set_ylabel("model CTV volume for 100 % coverage (mL)")
     if title:

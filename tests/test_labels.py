@@ -88,7 +88,24 @@ def test_unexpected_values_are_an_error_listing_counts_and_expected_values():
     assert message.startswith("case/seg.nii.gz: ")
     assert "3 (1 voxels)" in message and "7 (3 voxels)" in message
     assert "'brats2021'" in message and "0, 1, 2, 4" in message
-    assert "ignore_labels=(3, 7)" in message
+    # No convention holds 3 and 7; 4 of 7 labelled voxels are far too many to be strays.
+    assert "check --labels" in message and "--ignore-labels" not in message
+    assert "too many to be strays" in message
+
+
+def test_the_hint_names_a_fitting_convention_and_only_stray_values_to_ignore():
+    # BraTS 2023 labels (3 = enhancing) read as brats2021: switch the convention, never drop 3.
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 40 + [3] * 30)
+    with pytest.raises(InputError) as info:
+        split_labels(labels, "brats2021")
+    message = str(info.value)
+    assert "the values fit --labels brats2023" in message and "--ignore-labels" not in message
+    # GliODIL's 8 stray voxels of 2 among 2000 labelled ones: the command-line fix.
+    labels = np.array([1] * 700 + [3] * 1000 + [4] * 292 + [2] * 8)
+    with pytest.raises(InputError) as info:
+        split_labels(labels, "gliodil")
+    assert "drop them with --ignore-labels 2" in str(info.value)
+    assert split_labels(labels, "gliodil", ignore=(2,)).edema.sum() == 1000
 
 
 def test_ignored_values_become_background_with_a_warning():

@@ -2,31 +2,46 @@
 
 :func:`run_case` takes one case folder with a tumour segmentation ``seg`` and tissue maps
 ``wm``, ``gm`` (optional: ``brain_mask``, ``recurrence``, ``t1c`` / ``flair`` for the
-figure), fits the growth model (:func:`rtjax.fit.fit_case`), builds the standard CTV
-(``margin_mm`` from the tumour core, inside the brain) and the iso-volumetric model CTV
-(the density cutoff whose volume matches the standard CTV within 1 %), and, when a
-recurrence is given, their recurrence coverage. Every output is written on the input grid:
+figure; any of them named explicitly by ``overrides`` or by glob patterns ``names``, or
+DICOM series converted on entry), fits the growth model (:func:`rtjax.fit.fit_case`),
+builds the standard CTV (``margin_mm`` from the tumour core, inside the brain), the
+iso-volumetric model CTV (the density cutoff whose volume matches the standard CTV within
+1 %, inside the brain) and a model CTV per requested density cutoff (inside the brain),
+and, when a recurrence is given, their recurrence coverage. Every output is written on the
+input grid:
 
 - ``segmentation.nii.gz``: the input labels re-encoded in the case's own label convention
   (``--labels``; ignored stray labels become background, BRATS 2015 non-enhancing tumour
-  comes back as necrosis, see :func:`rtjax.labels.combine_labels`), uint8;
-- ``density.nii.gz`` (float32), ``ctv_standard.nii.gz`` and ``ctv_model.nii.gz`` (uint8);
-- ``params.json``: the fit, CTV volumes (mL), the cutoff, the resolved options, the inputs
-  and :func:`rtjax.provenance.run_metadata`;
-- ``coverage.json`` when a non-empty recurrence is given (:meth:`CaseCoverage.to_dict`);
-- ``report.png``: orthogonal slices through the tumour;
+  comes back as necrosis, see :func:`rtjax.labels.combine_labels`), uint8; with
+  ``segmentation_uncertainty.nii.gz`` when the network segmented the case;
+- ``density.nii.gz`` (float32, as fitted), ``ctv_standard.nii.gz``, ``ctv_model.nii.gz``
+  and ``ctv_model_c<cutoff>.nii.gz`` per cutoff (uint8; model CTVs = density >= cutoff
+  inside the brain);
+- ``params.json``: the fit, its quality (``quality`` "good" / "poor", ``quality_reasons``,
+  :mod:`rtjax.pipeline.quality`), CTV volumes (mL), the cutoffs, the resolved options, the
+  inputs (absolute paths) and :func:`rtjax.provenance.run_metadata`;
+- ``coverage.json`` when a non-empty recurrence is given (:meth:`CaseCoverage.to_dict`
+  plus ``cutoff_ctvs``; the recurrence is counted inside the brain, the part outside
+  recorded and warned about);
+- ``report.png`` and ``report.html`` (:mod:`rtjax.report`);
+- ``dicom/`` (converted NIfTI and ``dicom_series.json``) for a DICOM case, ``rtstruct.dcm``
+  (and ``mr_t1c/`` for a NIfTI case) with ``rtstruct``;
 - ``done.json``: the case summary, the marker that the case is complete.
 
+Before any heavy work every option (:class:`rtjax.pipeline.options.RunOptions`), the
+named files, the output folder (:func:`rtjax.pipeline.outdir.check_out_dir`) and the
+case's files (:func:`rtjax.pipeline.inputs.check_case_inputs`) are checked, in that order.
+
 Atomicity: everything is written into the sibling folder ``<out_dir>.partial``, which is
-renamed to ``out_dir`` only when complete (``done.json`` included). An interrupted run
-leaves at most a ``.partial`` folder, which the next run deletes; a folder without
-``done.json`` is never trusted.
+renamed to ``out_dir`` only when complete (``done.json`` included); ``<out_dir>.lock``
+keeps a second process out meanwhile. An interrupted run leaves at most a ``.partial``
+folder, which the next run deletes; a folder without ``done.json`` is never trusted.
 
 Missing inputs (:mod:`rtjax.pipeline.inputs`): a case without ``seg`` is segmented from its
 ``t1c`` and ``flair`` by the shipped network; a case without ``wm`` and ``gm`` gets the
 MNI152 atlas registered to its t1/t1c (else to its brain_mask outline), written to
-``tissue/`` and reused by a rerun. Both say so in a warning and in ``params.json``
-(``inputs``).
+``tissue/`` and reused by a rerun. Both say so in a warning, in ``params.json``
+(``inputs``) and in the report.
 
 :func:`fit_case_dir` is the fit alone (``rtjax fit``): ``density.nii.gz`` and
 ``params.json``.
@@ -34,8 +49,9 @@ MNI152 atlas registered to its t1/t1c (else to its brain_mask outline), written 
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,19 +61,27 @@ from scipy.ndimage import binary_fill_holes
 
 from growth.fit import FitConfig
 from rtjax.ctv import isovolumetric_cutoff, standard_ctv
+from rtjax.dicom import DICOM_DIR, convert_case_dicom, has_dicom_series
 from rtjax.errors import InputError
+from rtjax.config import to_dict
 from rtjax.fit import CaseFit, fit_case
 from rtjax.io import save_image
 from rtjax.labels import combine_labels
-from rtjax.pipeline.inputs import load_run_inputs, load_segmented_case
-from rtjax.plotting import headless_pyplot, save_figure
+from rtjax.pipeline.inputs import case_overrides, check_case_inputs, load_run_inputs, load_segmented_case
+from rtjax.pipeline.options import RunOptions
+from rtjax.pipeline.outdir import DONE, OutputLock, check_out_dir, commit, fresh_partial
+from rtjax.pipeline.quality import QualityWarning, assess_quality, segmentation_uncertainty
 from rtjax.provenance import run_metadata, write_json_atomic
-from rtjax.study import case_coverage
+from rtjax.report import background_image, case_figure, case_report_html, mask_volumes_ml
+from rtjax.rtstruct import export_rtstruct
+from rtjax.study import case_coverage, coverage as coverage_of
 
-__all__ = ["DONE", "run_case", "fit_case_dir", "save_case_report"]
+__all__ = ["DONE", "cutoff_file", "run_case", "fit_case_dir"]
 
-#: The marker file of a complete case output.
-DONE = "done.json"
+
+def cutoff_file(cutoff: float) -> str:
+    """The file name of the model CTV at a density cutoff: ``ctv_model_c<cutoff>.nii.gz``."""
+    return f"ctv_model_c{cutoff:g}.nii.gz"
 
 
 def _brain(images) -> np.ndarray:
@@ -66,99 +90,151 @@ def _brain(images) -> np.ndarray:
     return binary_fill_holes(images["wm"].data + images["gm"].data > 0)
 
 
-def _prepare_out(out_dir: Path) -> Path:
-    """A fresh ``<out_dir>.partial`` (a stale one is deleted); refuses to later replace an
-    existing ``out_dir`` that is not an rtjax case output."""
-    if out_dir.exists() and not (out_dir / DONE).is_file() and any(out_dir.iterdir()):
-        raise InputError(out_dir, f"output folder exists and is not an rtjax case output "
-                         f"(no {DONE}); choose another --out or remove it")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
+def _ml(mask, voxel_mm3: float) -> float:
+    """Volume of a mask in mL, count x mm^3 / 1000 (no float noise for round voxel sizes)."""
+    return float(np.count_nonzero(mask)) * voxel_mm3 / 1000.0
 
 
-def _commit(partial: Path, out_dir: Path) -> None:
-    """Rename the complete ``partial`` folder to ``out_dir`` (replacing an earlier output)."""
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-        os.replace(partial, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, out_dir)
+@contextlib.contextmanager
+def _collected_warnings():
+    """Shows warnings as usual and collects their messages (for the report)."""
+    seen: list[str] = []
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            seen.append(str(message))
+            previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield seen
 
 
-def _target_volumes(masks, images, density, spacing, margin_mm: float):
-    """(brain, standard CTV, cutoff, model CTV) of a fitted case."""
+def _target_volumes(masks, images, density, spacing, margin_mm: float, cutoffs):
+    """(brain, density inside the brain, standard CTV, cutoff, model CTV, {cutoff: CTV})."""
     brain = _brain(images)
+    inside = np.where(brain, density, np.float32(0))
     standard = standard_ctv(masks.core, brain, spacing, margin_mm)
     try:
-        cutoff, model = isovolumetric_cutoff(density, standard, rtol=0.01)
+        cutoff, model = isovolumetric_cutoff(inside, standard, rtol=0.01)
     except ValueError as err:
         raise ValueError(f"iso-volumetric model CTV: the fitted density cannot match the "
                          f"{margin_mm:g} mm standard CTV's volume: {err}") from None
-    return brain, standard, cutoff, model
+    return brain, inside, standard, cutoff, model, {c: inside >= c for c in cutoffs}
 
 
-def _ctv_record(masks, images, brain, standard, model, cutoff, margin_mm, vox_ml) -> dict:
-    ml = lambda m: float(np.count_nonzero(m)) * vox_ml  # noqa: E731
+def _ctv_record(masks, images, brain, standard, model, cutoff, by_cutoff, margin_mm, mm3) -> dict:
     return {
         "margin_mm": float(margin_mm), "cutoff": cutoff,
-        "core_volume_ml": ml(masks.core), "edema_volume_ml": ml(masks.edema),
-        "brain_volume_ml": ml(brain), "brain_from": "brain_mask" if "brain_mask" in images
+        "core_volume_ml": _ml(masks.core, mm3), "edema_volume_ml": _ml(masks.edema, mm3),
+        "brain_volume_ml": _ml(brain, mm3), "brain_from": "brain_mask" if "brain_mask" in images
         else "wm + gm > 0, holes filled",
-        "standard_volume_ml": ml(standard), "model_volume_ml": ml(model),
+        "standard_volume_ml": _ml(standard, mm3), "model_volume_ml": _ml(model, mm3),
         "standard_voxels": int(standard.sum()), "model_voxels": int(model.sum()),
-        "model_ctv": "iso-volumetric: density >= cutoff, volume within 1 % of the standard CTV",
+        "model_ctv": "iso-volumetric: density >= cutoff inside the brain, volume within 1 % "
+                     "of the standard CTV",
+        "cutoff_ctvs": [{"cutoff": c, "file": cutoff_file(c), "volume_ml": _ml(m, mm3),
+                         "voxels": int(m.sum())} for c, m in by_cutoff.items()],
     }
 
 
-def _case_summary(case_id: str, ctv: dict, fit: CaseFit, coverage, written) -> dict:
+def _coverage(case_id, images, masks, brain, inside, spacing, mm3, margin_mm, by_cutoff):
+    """coverage.json's content (None without a recurrence): the recurrence inside the brain
+    (no CTV reaches outside it), the part outside recorded and warned about."""
+    if "recurrence" not in images or not images["recurrence"].data.any():
+        return None
+    recurrence = images["recurrence"].data.astype(bool)
+    outside = recurrence & ~brain
+    if outside.any():
+        warnings.warn(f"{case_id}: {int(outside.sum())} recurrence voxels "
+                      f"({_ml(outside, mm3):.2f} mL) lie outside the brain mask, where no CTV "
+                      "reaches; coverage counts the recurrence inside the brain", stacklevel=3)
+    recurrence &= brain
+    if not recurrence.any():
+        warnings.warn(f"{case_id}: the whole recurrence lies outside the brain mask; no "
+                      "coverage", stacklevel=3)
+        return None
+    record = case_coverage(case_id, recurrence, masks.core, brain, inside, spacing,
+                           mm3 / 1000.0, margin_mm=margin_mm).to_dict()
+    record["recurrence_volume_ml"] = _ml(recurrence, mm3)
+    record["recurrence_outside_brain_ml"] = _ml(outside, mm3)
+    record["cutoff_ctvs"] = [{"cutoff": c, "volume_ml": _ml(m, mm3),
+                              "coverage": coverage_of(recurrence, m)} for c, m in by_cutoff.items()]
+    return record
+
+
+def _case_summary(case_id: str, ctv: dict, fit: CaseFit, quality: dict, coverage, outputs,
+                  options: RunOptions) -> dict:
     params = fit.info["scaled_parameters"]
     return {
-        "case": case_id, "status": "done", "error": "",
+        "case": case_id, "status": "done", "error": "", "run_options": to_dict(options),
+        "quality": quality["quality"], "quality_reasons": quality["reasons"],
         **{k: ctv[k] for k in ("core_volume_ml", "edema_volume_ml", "brain_volume_ml",
                                "margin_mm", "standard_volume_ml", "model_volume_ml", "cutoff")},
+        "cutoff_ctvs": ctv["cutoff_ctvs"],
         **{k: params[k] for k in ("sqrt_dw_t_mm", "sqrt_rho_t", "dw_t_mm2", "rho_t", "u_t1", "u_fl")},
         **{k: fit.info[k] for k in ("dice_core", "dice_edema", "final_loss", "seconds")},
         "coverage": coverage,
-        "outputs": sorted(p.name for p in written) + [DONE],
+        "outputs": sorted(outputs) + [DONE],
     }
 
 
-def _background(images) -> np.ndarray:
-    for name in ("t1c", "flair"):
-        if name in images:
-            return images[name].data
-    return images["wm"].data + 0.5 * images["gm"].data
+def _inputs_record(files, partial: Path | None = None, out_dir: Path | None = None) -> dict[str, str]:
+    """Input files as absolute paths (those converted into ``partial``, e.g. from DICOM, at
+    their final place in ``out_dir``); generated ones (a network segmentation, the atlas
+    tissue folder of the output) as their description."""
+    record = {}
+    for key, value in files.items():
+        if isinstance(value, Path) and key != "tissue":
+            value = value.absolute()
+            if partial is not None and value.is_relative_to(partial.absolute()):
+                value = out_dir.absolute() / value.relative_to(partial.absolute())
+        record[key] = str(value)
+    return record
 
 
-def _write_outputs(partial, case_id, masks, convention, images, fit, standard, model, ctv,
-                   coverage, files, options) -> list[Path]:
+def _ctv_names(margin_mm, by_cutoff) -> dict[str, str]:
+    names = {"standard": f"CTV standard {margin_mm:g} mm", "model": "CTV model (iso-volumetric)"}
+    names.update({c: f"CTV model, density >= {c:g}" for c in by_cutoff})
+    return names
+
+
+def _report(partial, case_id, masks, images, files, fit, standard, model, by_cutoff, ctv,
+            coverage, quality, margin_mm, seen_warnings, provenance) -> list[Path]:
+    """report.png and report.html."""
     reference = images["seg"]
-    written = [
-        save_image(combine_labels(masks, convention), reference,
-                   partial / "segmentation.nii.gz", kind="label"),
-        save_image(fit.density, reference, partial / "density.nii.gz", kind="density"),
-        save_image(standard, reference, partial / "ctv_standard.nii.gz", kind="mask"),
-        save_image(model, reference, partial / "ctv_model.nii.gz", kind="mask"),
-        write_json_atomic(partial / "params.json", {
-            "case": case_id, "fit": fit.info, "loss_curve": fit.loss_curve, "ctv": ctv,
-            "coverage": coverage, "options": options,
-            "inputs": {k: str(v) for k, v in files.items()}, **run_metadata()}),
-    ]
+    names = _ctv_names(margin_mm, by_cutoff)
+    ctvs = {names["standard"]: standard, names["model"]: model,
+            **{names[c]: m for c, m in by_cutoff.items()}}
+    volumes = mask_volumes_ml({"core": masks.core, "edema": masks.edema, **ctvs}, reference.affine)
+    cov = None
     if coverage is not None:
-        written.append(write_json_atomic(partial / "coverage.json", coverage))
+        cov = {names["standard"]: coverage["standard_coverage"],
+               names["model"]: coverage["model_coverage"],
+               **{names[e["cutoff"]]: e["coverage"] for e in coverage["cutoff_ctvs"]}}
+        volumes["recurrence"] = coverage["recurrence_volume_ml"]
+    background, background_name = background_image(images, atlas_tissue="tissue" in files)
     recurrence = images["recurrence"].data if "recurrence" in images else None
-    written.append(save_case_report(
-        _background(images), fit.density, masks.core, masks.edema, standard, model,
-        partial / "report.png", recurrence=recurrence,
-        title=f"{case_id}: standard {ctv['standard_volume_ml']:.1f} mL, model cutoff {ctv['cutoff']:.3g}"))
-    return written
+    figure = case_figure(
+        partial / "report.png", background=background, background_name=background_name,
+        affine=reference.affine, density=fit.density, core=masks.core, edema=masks.edema,
+        ctvs=ctvs, recurrence=recurrence, volumes_ml=volumes, coverage=cov,
+        title=f"{case_id}: fit quality {quality['quality']}, model CTV density >= {ctv['cutoff']:.3g}")
+    fit_quality = {"quality": quality["quality"], "reasons": quality["reasons"],
+                   **{k: v for k, v in quality["checks"].items() if v is not None}}
+    parameters = {**fit.info["scaled_parameters"], "cutoff": ctv["cutoff"]}
+    page = case_report_html(
+        partial / "report.html", case_id=case_id, figure_png=figure, volumes_ml=volumes,
+        coverage=cov, fit_quality=fit_quality, warnings=list(dict.fromkeys(seen_warnings)),
+        parameters={"fit": parameters, "options": provenance["options"]},
+        provenance={k: v for k, v in provenance.items() if k != "options"})
+    return [figure, page]
+
+
+def _check_rtstruct_source(case_dir, files, dicom: bool) -> None:
+    if not dicom and "t1c" not in files:
+        raise InputError(case_dir, "--rtstruct needs a T1c (t1c.nii.gz, or name it with --t1c) "
+                         "to write the MR series the structure set refers to")
 
 
 def run_case(
@@ -169,63 +245,142 @@ def run_case(
     ignore_labels: Sequence[int] = (),
     margin_mm: float = 15.0,
     overrides: Mapping[str, Any] | None = None,
+    names: Mapping[str, str] | None = None,
+    series: Mapping[str, str] | None = None,
+    cutoffs: Sequence[float] = (),
+    rtstruct: bool = False,
+    overwrite: bool = False,
     initial: str = "network",
     fit_iterations: int = 150,
     weights=None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The whole pipeline for one segmented case folder (see the module docstring).
+    """The whole pipeline for one case folder (see the module docstring).
 
     Args:
         case_dir: folder with ``seg``, ``wm``, ``gm`` [``brain_mask``, ``recurrence``,
-            ``t1c``, ``flair``].
+            ``t1c``, ``flair``], or DICOM series (role subfolders, or ``series``).
         out_dir: output folder (written via ``<out_dir>.partial``, then renamed).
         labels: label convention of ``seg`` (:data:`rtjax.labels.CONVENTIONS`).
         ignore_labels: stray label values to set to background explicitly.
-        margin_mm: standard CTV margin from the tumour core, mm.
-        overrides: canonical name -> file, as in :func:`rtjax.io.find_case_files`.
+        margin_mm: standard CTV margin from the tumour core, mm, in (0, 50].
+        overrides: role -> file (a bare name is taken in the case folder), e.g.
+            ``{"seg": "segm.nii.gz"}``; an ``edema`` file gives the edema separately.
+        names: role -> glob pattern matched in the case folder (one file each).
+        series: role -> DICOM SeriesInstanceUID, picking each role's series from the DICOM
+            files under ``case_dir`` (:func:`rtjax.dicom.parse_series`).
+        cutoffs: density cutoffs in (0, 1) of extra model CTVs.
+        rtstruct: also write ``rtstruct.dcm`` (:func:`rtjax.rtstruct.export_rtstruct`).
+        overwrite: replace an earlier rtjax output in ``out_dir`` (else it is refused).
         initial: fit start, "network" or "heuristic".
         fit_iterations: refinement iterations at most.
         weights: inverse-network weights folder (default: shipped).
 
     Returns:
-        The case summary (also ``done.json``): volumes (mL), cutoff, fitted parameters,
-        coverage (or None) and the output file names.
+        The case summary (also ``done.json``): volumes (mL), cutoffs, fit quality, fitted
+        parameters, coverage (or None) and the output file names.
 
     Raises:
-        InputError: missing or inconsistent inputs, naming the file or folder.
+        OptionsError: bad options (all named, before anything else).
+        InputError: missing or inconsistent inputs, or an output folder that cannot or
+            must not be written, naming the file or folder (before any heavy work).
         ValueError: the fit or the CTVs cannot be computed (e.g. no cutoff within 1 %).
     """
+    options = RunOptions(labels=labels, ignore_labels=tuple(ignore_labels), margin_mm=margin_mm,
+                         start=initial, iterations=fit_iterations, cutoffs=tuple(cutoffs),
+                         rtstruct=bool(rtstruct), names=dict(names or {}))
     case_dir, out_dir = Path(case_dir), Path(out_dir)
+    given = case_overrides(case_dir, overrides, options.names)
+    dicom = bool(series) or has_dicom_series(case_dir)
+    check_out_dir(out_dir, overwrite=overwrite)
+    if not dicom:
+        files = check_case_inputs(case_dir, given, segment_missing=True, atlas_tissue=True)
+        if options.rtstruct:
+            _check_rtstruct_source(case_dir, files, dicom)
+    with OutputLock(out_dir), _collected_warnings() as seen:
+        partial = fresh_partial(out_dir)
+        try:
+            summary = _run(case_dir, out_dir, partial, options, given, series, dicom, weights,
+                           progress, seen)
+            commit(partial, out_dir)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return summary
+
+
+def _run(case_dir, out_dir, partial, options: RunOptions, given, series, dicom, weights,
+         progress, seen) -> dict:
     case_id = case_dir.name
-    partial = _prepare_out(out_dir)
-    try:
-        files, convention, masks, images = load_run_inputs(
-            case_dir, labels, ignore_labels, overrides,
-            atlas_tissue_dirs=(partial / "tissue", out_dir / "tissue"))
-        reference = images["seg"]
-        spacing, vox_ml = reference.spacing, reference.voxel_volume_ml
-        fit = fit_case(masks, images["wm"].data, images["gm"].data, spacing, initial=initial,
-                       weights=weights, config=FitConfig(max_iterations=int(fit_iterations)),
-                       progress=progress)
-        brain, standard, cutoff, model = _target_volumes(masks, images, fit.density, spacing, margin_mm)
-        coverage = None
-        if "recurrence" in images and images["recurrence"].data.any():
-            coverage = case_coverage(case_id, images["recurrence"].data, masks.core, brain,
-                                     fit.density, spacing, vox_ml, margin_mm=margin_mm).to_dict()
-        ctv = _ctv_record(masks, images, brain, standard, model, cutoff, margin_mm, vox_ml)
-        options = {"labels": convention.name, "ignore_labels": [int(v) for v in ignore_labels],
-                   "margin_mm": float(margin_mm), "start": initial,
-                   "iterations": int(fit_iterations),
-                   "weights": None if weights is None else str(weights)}
-        written = _write_outputs(partial, case_id, masks, convention, images, fit, standard,
-                                 model, ctv, coverage, files, options)
-        summary = _case_summary(case_id, ctv, fit, coverage, written)
-        write_json_atomic(partial / DONE, summary)
-        _commit(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    written = []
+    if dicom:
+        converted, _ = convert_case_dicom(case_dir, partial / DICOM_DIR, series)
+        given = {**converted, **given}
+        written.append(DICOM_DIR)
+        files = check_case_inputs(case_dir, given, segment_missing=True, atlas_tissue=True)
+        if options.rtstruct:
+            _check_rtstruct_source(case_dir, files, dicom)
+    files, convention, masks, images = load_run_inputs(
+        case_dir, options.labels, options.ignore_labels, given,
+        atlas_tissue_dirs=(partial / "tissue", out_dir / "tissue"))
+    reference = images["seg"]
+    spacing = reference.spacing
+    mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
+    config = FitConfig(max_iterations=options.iterations)
+    fit = fit_case(masks, images["wm"].data, images["gm"].data, spacing, initial=options.start,
+                   weights=weights, config=config, progress=progress)
+    brain, inside, standard, cutoff, model, by_cutoff = _target_volumes(
+        masks, images, fit.density, spacing, options.margin_mm, options.cutoffs)
+    coverage = _coverage(case_id, images, masks, brain, inside, spacing, mm3,
+                         options.margin_mm, by_cutoff)
+    ctv = _ctv_record(masks, images, brain, standard, model, cutoff, by_cutoff,
+                      options.margin_mm, mm3)
+    unc = (segmentation_uncertainty(images["seg_uncertainty"].data, masks.whole)
+           if "seg_uncertainty" in images else None)
+    quality = assess_quality(fit.info, masks.core, spacing, seg_uncertainty=unc,
+                             thresholds_fitted=config.fit_thresholds)
+    if quality["quality"] == "poor":
+        warnings.warn(QualityWarning(f"{case_id}: the fit is poor, do not trust its model CTV as "
+                                     "it is: " + "; ".join(quality["reasons"])), stacklevel=2)
+    run_options = {"labels": convention.name, "ignore_labels": list(options.ignore_labels),
+                   "margin_mm": options.margin_mm, "start": options.start,
+                   "iterations": options.iterations, "cutoffs": list(options.cutoffs),
+                   "rtstruct": options.rtstruct, "names": dict(options.names),
+                   "series": dict(series or {}),
+                   "weights": None if weights is None else str(Path(weights).absolute())}
+    provenance = {"case": case_id, "inputs": _inputs_record(files, partial, out_dir),
+                  "options": run_options,
+                  **run_metadata()}
+    images_out = [
+        (combine_labels(masks, convention), "segmentation.nii.gz", "label"),
+        (fit.density, "density.nii.gz", "density"),
+        (standard, "ctv_standard.nii.gz", "mask"),
+        (model, "ctv_model.nii.gz", "mask"),
+        *((m, cutoff_file(c), "mask") for c, m in by_cutoff.items()),
+    ]
+    if "seg_uncertainty" in images:
+        images_out.append((images["seg_uncertainty"].data, "segmentation_uncertainty.nii.gz", "float"))
+    for array, name, kind in images_out:
+        written.append(save_image(array, reference, partial / name, kind=kind).name)
+    written.append(write_json_atomic(partial / "params.json", {
+        "case": case_id, "quality": quality["quality"], "quality_reasons": quality["reasons"],
+        "quality_checks": quality["checks"], "fit": fit.info, "loss_curve": fit.loss_curve,
+        "ctv": ctv, "coverage": coverage, "warnings": list(dict.fromkeys(seen)),
+        **provenance}).name)
+    if coverage is not None:
+        written.append(write_json_atomic(partial / "coverage.json", coverage).name)
+    written += [p.name for p in _report(partial, case_id, masks, images, files, fit, standard,
+                                        model, by_cutoff, ctv, coverage, quality,
+                                        options.margin_mm, seen, provenance)]
+    if "tissue" in files:
+        written.append("tissue")
+    if options.rtstruct:
+        exported = export_rtstruct(partial)
+        written.append(exported["rtstruct"].name)
+        if exported["mr_series"] is not None:
+            written.append(exported["mr_series"].name)
+    summary = _case_summary(case_id, ctv, fit, quality, coverage, written, options)
+    write_json_atomic(partial / DONE, summary)
     return summary
 
 
@@ -236,16 +391,19 @@ def fit_case_dir(
     labels: str,
     ignore_labels=(),
     overrides=None,
+    names=None,
     initial="network",
     progress: bool = True,
     **fit_options,
 ):
-    """Fit one case folder (its `seg`, `wm`, `gm`; `overrides` names other files, and an
-    `edema` override gives the edema as a separate mask, as in TUM/Lipkova data) and write
-    `density.nii.gz` and `params.json` into `out_dir`; returns (CaseFit, paths).
+    """Fit one case folder (its `seg`, `wm`, `gm`; `overrides` names other files, `names`
+    glob patterns, and an `edema` override gives the edema as a separate mask, as in
+    TUM/Lipkova data) and write `density.nii.gz` and `params.json` (with the fit quality,
+    :mod:`rtjax.pipeline.quality`) into `out_dir`; returns (CaseFit, paths).
     """
+    given = case_overrides(case_dir, overrides, names)
     files, convention, masks, images = load_segmented_case(
-        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides, extras=(),
+        case_dir, labels=labels, ignore_labels=ignore_labels, overrides=given, extras=(),
         atlas_tissue_dirs=(Path(out_dir) / "tissue",), segment_missing=True)
     reference = images["seg"]
     if masks.is_empty():
@@ -255,12 +413,21 @@ def fit_case_dir(
     index = np.asarray(result.info["origin_canonical_voxel"], float)
     world = reference.voxel_to_world(index)
     file_vox = np.linalg.solve(reference.original_affine, np.append(world, 1.0))[:3]
+    config = fit_options.get("config") or FitConfig()
+    quality = assess_quality(result.info, masks.core, reference.spacing,
+                             thresholds_fitted=config.fit_thresholds)
+    if quality["quality"] == "poor":
+        warnings.warn(QualityWarning(f"{Path(case_dir).name}: the fit is poor: "
+                                     + "; ".join(quality["reasons"])), stacklevel=2)
     result.info.update({
         "origin_world_mm": np.round(world, 3).tolist(),
         "origin_file_voxel": np.round(file_vox, 3).tolist(),
         "labels": convention.name,
         "ignored_labels": list(ignore_labels),
-        "inputs": {k: str(v) for k, v in files.items()},
+        "inputs": _inputs_record(files),
+        "quality": quality["quality"],
+        "quality_reasons": quality["reasons"],
+        "quality_checks": quality["checks"],
     })
     out_dir = Path(out_dir)
     paths = [
@@ -269,48 +436,3 @@ def fit_case_dir(
                                                      **run_metadata()}),
     ]
     return result, paths
-
-
-def save_case_report(
-    background: np.ndarray,
-    density: np.ndarray,
-    core: np.ndarray,
-    edema: np.ndarray,
-    standard: np.ndarray,
-    model: np.ndarray,
-    path,
-    *,
-    recurrence: np.ndarray | None = None,
-    title: str = "",
-) -> Path:
-    """Axial, coronal and sagittal slices (canonical RAS arrays) through the tumour core's
-    centre: the background image, density contours (0.01, 0.1, 0.3, 0.6), core / edema /
-    recurrence outlines and both CTV outlines; written atomically as PNG."""
-    plt = headless_pyplot()
-    from matplotlib.lines import Line2D
-
-    i, j, k = (int(round(v)) for v in np.argwhere(core).mean(axis=0))
-    views = [("axial", lambda a: a[:, :, k].T), ("coronal", lambda a: a[:, j, :].T),
-             ("sagittal", lambda a: a[i, :, :].T)]
-    outlines = [("core", core, "lime", "-"), ("edema", edema, "cyan", "-"),
-                ("standard CTV", standard, "yellow", "--"), ("model CTV", model, "red", "-")]
-    if recurrence is not None:
-        outlines.append(("recurrence", recurrence, "magenta", ":"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), constrained_layout=True)
-    for ax, (name, cut) in zip(axes, views):
-        ax.imshow(cut(background), cmap="gray", origin="lower")
-        dens = cut(density)
-        if dens.max() > 0.01:
-            ax.contour(dens, levels=[0.01, 0.1, 0.3, 0.6], colors="orange", linewidths=0.6)
-        for _, mask, colour, style in outlines:
-            sl = cut(mask.astype(float))
-            if sl.any():
-                ax.contour(sl, levels=[0.5], colors=colour, linewidths=1.0, linestyles=style)
-        ax.set_title(name)
-        ax.axis("off")
-    handles = [Line2D([], [], color=c, ls=s, label=n) for n, _, c, s in outlines]
-    handles.append(Line2D([], [], color="orange", lw=0.6, label="density 0.01/0.1/0.3/0.6"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path)

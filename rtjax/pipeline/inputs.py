@@ -1,56 +1,149 @@
 """The inputs of one case: a case folder -> validated masks and images on one grid.
 
-`load_segmented_case` finds the files of a case folder (canonical names, BraTS names, or
-explicit overrides), reads the tumour segmentation in its label convention and the tissue
-maps, and completes what is missing: a case without `seg` is segmented from its T1c and
-FLAIR by the shipped network (`rtjax.seg`), a case without `wm`/`gm` gets the MNI152 atlas
-registered to it (`rtjax.anatomy.case_tissue`). Both say so in a warning and in the
-returned file record. Everything is checked to lie on one grid.
+`case_overrides` turns what the user named (explicit files per role, ``--seg`` ...;
+glob patterns per role, ``--names seg=segm.nii.gz``) into the file overrides of
+`rtjax.io.find_case_files`. `check_case_inputs` checks, before any heavy work, that the
+files a run needs are there, readable and on one grid (headers only), in the order a user
+would fix them. `load_segmented_case` finds the files of a case folder (canonical names,
+BraTS names, or overrides), reads the tumour segmentation in its label convention and the
+tissue maps, and completes what is missing: a case without `seg` is segmented from its T1c
+and FLAIR by the shipped network (`rtjax.seg`, with its uncertainty), a case without
+`wm`/`gm` gets the MNI152 atlas registered to it (`rtjax.anatomy.case_tissue`). Both say so
+in a warning and in the returned file record.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
-from rtjax.anatomy import case_tissue
+from rtjax.anatomy import case_tissue, target_image
 from rtjax.errors import InputError
-from rtjax.io import check_same_grid, find_case_files, load_image, load_tumour_masks
+from rtjax.io import check_files_on_one_grid, check_same_grid, find_case_files, load_image, load_tumour_masks
 from rtjax.labels import TumourMasks, get_convention, split_labels
 from rtjax.seg.infer import load_weights as load_seg_weights
 from rtjax.seg.infer import segment_case
 
-__all__ = ["CASE_KINDS", "load_segmented_case", "segment_with_network", "load_run_inputs"]
+__all__ = ["CASE_KINDS", "case_overrides", "check_case_inputs", "load_segmented_case",
+           "resolve_names", "segment_with_network", "load_run_inputs"]
 
 #: How each optional file of a segmented case is read.
 CASE_KINDS = {"wm": "probability", "gm": "probability", "brain_mask": "mask",
               "recurrence": "mask", "t1c": "intensity", "flair": "intensity"}
 
 
-def segment_with_network(case_dir, overrides):
-    """(masks, T1c image, description) from the shipped segmentation network, with a warning."""
+def resolve_names(case_dir, names: Mapping[str, str] | None) -> dict[str, Path]:
+    """role -> the one file of ``case_dir`` matching the role's glob pattern (a
+    ``--names`` mapping, e.g. ``{"seg": "segm.nii.gz", "brain_mask": "brainMask*"}``).
+
+    Raises:
+        InputError: no file or more than one file matches a pattern (naming the case folder).
+    """
+    case_dir = Path(case_dir)
+    files = {}
+    for role, pattern in (names or {}).items():
+        found = sorted(p for p in case_dir.glob(pattern)
+                       if p.is_file() and not p.name.startswith("."))
+        if not found:
+            raise InputError(case_dir, f"no file matches --names {role}={pattern}")
+        if len(found) > 1:
+            listed = ", ".join(p.relative_to(case_dir).as_posix() for p in found[:4])
+            raise InputError(case_dir, f"--names {role}={pattern} matches {len(found)} files "
+                             f"({listed}); make the pattern match one file")
+        files[role] = found[0]
+    return files
+
+
+def _given_file(case_dir: Path, role: str, value) -> Path:
+    """A bare file name is taken in the case folder, any other path as given (absolute)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and path.parent == Path("."):
+        path = case_dir / path
+    option = "--" + role.replace("_", "-")
+    if not path.is_file():
+        raise InputError(path, f"file given for {option} not found" if not path.exists()
+                         else f"{option} is not a file")
+    return path.absolute()
+
+
+def case_overrides(case_dir, overrides: Mapping | None = None,
+                   names: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """The file overrides of one case: ``names`` patterns resolved in ``case_dir``, then the
+    explicit ``overrides`` (role -> file; a bare name is taken in the case folder), which
+    win. Every file is checked to exist.
+
+    Raises:
+        InputError: the case folder does not exist, a pattern matches no file or several,
+            or a named file does not exist.
+    """
+    case_dir = Path(case_dir)
+    if not case_dir.is_dir():
+        raise InputError(case_dir, "not a folder" if case_dir.exists() else "case folder not found")
+    files = resolve_names(case_dir, names)
+    files.update({role: _given_file(case_dir, role, value)
+                  for role, value in (overrides or {}).items() if value is not None})
+    return files
+
+
+def _needed(files, *, extras, segment_missing: bool, atlas_tissue: bool) -> list[str]:
+    """The files a run reads, in the order a user would check them."""
+    needed = ["seg", "edema", "wm", "gm", *extras]
+    if "seg" not in files and segment_missing:
+        needed += ["t1c", "flair", "brain_mask"]
+    if "wm" not in files and atlas_tissue:
+        needed += ["t1", "t1c", "brain_mask", "seg"]
+    return [n for n in dict.fromkeys(needed) if n in files]
+
+
+def check_case_inputs(case_dir, overrides=None, *, extras=tuple(CASE_KINDS),
+                      segment_missing: bool = False, atlas_tissue: bool = False
+                      ) -> dict[str, Path]:
+    """Find the files of a case folder and check, before any heavy work, that the run can
+    use them: a segmentation (or T1c and FLAIR to segment), both tissue maps or neither
+    (then, with ``atlas_tissue``, something to register the atlas to), every file it reads
+    readable as NIfTI and all on one grid (from the headers alone).
+
+    Returns:
+        role -> file (an ``edema`` override included).
+
+    Raises:
+        InputError: the first problem, naming the file or folder.
+    """
+    overrides = dict(overrides or {})
+    edema = overrides.pop("edema", None)
+    files = find_case_files(case_dir, overrides=overrides)
+    if edema is not None:
+        files["edema"] = _given_file(Path(case_dir), "edema", edema)
+    if "seg" not in files and not (segment_missing and {"t1c", "flair"} <= set(files)):
+        need = ", or t1c and flair to segment" if segment_missing else ""
+        raise InputError(case_dir, "no tumour segmentation 'seg' (seg.nii[.gz], *_seg or "
+                         f"*-seg; or name it with --seg){need}; found {sorted(files) or 'no images'}")
+    missing = [n for n in ("wm", "gm") if n not in files]
+    if len(missing) == 1 or (missing and not atlas_tissue):
+        names = " and ".join(f"{n}.nii.gz" for n in missing)
+        atlas = ", or neither for the MNI152 atlas registered to the case" if atlas_tissue else ""
+        raise InputError(case_dir, f"no tissue map(s) {missing}: give both wm and gm{atlas}; "
+                         f"provide {names} (or name them with --wm / --gm)")
+    if missing and target_image(files) is None:
+        raise InputError(case_dir, "no wm/gm maps and no t1, t1c or brain_mask to register "
+                         "the MNI152 atlas to; give wm and gm, or a t1c or brain_mask")
+    check_files_on_one_grid({n: files[n] for n in _needed(
+        files, extras=extras, segment_missing=segment_missing, atlas_tissue=atlas_tissue)})
+    return files
+
+
+def segment_with_network(case_dir, overrides, uncertainty: bool = False):
+    """(masks, T1c image, description, uncertainty or None) from the shipped segmentation
+    network, with a warning."""
     seg_weights = load_seg_weights()
     convention = get_convention("brats2021")
-    label_array, _, reference = segment_case(case_dir, weights=seg_weights, labels=convention.name,
-                                             overrides=overrides)
+    label_array, unc, reference = segment_case(case_dir, weights=seg_weights, labels=convention.name,
+                                               overrides=overrides, uncertainty=uncertainty)
     source = f"rtjax.seg {seg_weights.version}"
     warnings.warn(f"{case_dir}: no seg; segmented from t1c and flair by {source} "
                   "(check the masks in segmentation.nii.gz)", stacklevel=3)
-    return split_labels(label_array, convention), reference, source
-
-
-def _check_present(case_dir, files, segment_missing: bool, atlas_tissue_dirs) -> None:
-    """InputError for a missing seg (that cannot be segmented) or a missing tissue map."""
-    if "seg" not in files and not (segment_missing and {"t1c", "flair"} <= set(files)):
-        need = "" if not segment_missing else ", or t1c and flair to segment"
-        raise InputError(case_dir, "no tumour segmentation 'seg' (seg.nii[.gz], *_seg or "
-                         f"*-seg){need}; found {sorted(files) or 'no images'}")
-    missing = [n for n in ("wm", "gm") if n not in files]
-    if len(missing) == 1 or (missing and not atlas_tissue_dirs):
-        names = " and ".join(f"{n}.nii.gz" for n in missing)
-        atlas = ", or neither for the MNI152 atlas registered to the case" if atlas_tissue_dirs else ""
-        raise InputError(case_dir, f"no tissue map(s) {missing}: give both wm and gm{atlas}; "
-                         f"provide {names}")
+    return split_labels(label_array, convention), reference, source, unc
 
 
 def _separate_edema(case_dir, edema_path, masks: TumourMasks):
@@ -67,19 +160,21 @@ def _separate_edema(case_dir, edema_path, masks: TumourMasks):
 
 def load_segmented_case(
     case_dir, *, labels: str, ignore_labels=(), overrides=None, extras=tuple(CASE_KINDS),
-    atlas_tissue_dirs=(), segment_missing: bool = False,
+    atlas_tissue_dirs=(), segment_missing: bool = False, seg_uncertainty: bool = False,
 ):
     """Load a case folder that has `seg`, `wm` and `gm` (and those of `extras` among
-    brain_mask, recurrence, t1c, flair that it has), all validated on one grid. An `edema`
-    override gives the edema as a separate mask (TUM/Lipkova data), a bare file name being
-    taken in the case folder.
+    brain_mask, recurrence, t1c, flair that it has), all validated on one grid
+    (:func:`check_case_inputs` first, before any heavy work). An `edema` override gives the
+    edema as a separate mask (TUM/Lipkova data), a bare file name being taken in the case
+    folder.
     A case with neither `wm` nor `gm` gets the MNI152 atlas registered to it
     (`rtjax.anatomy.case_tissue`, written to `atlas_tissue_dirs[0]`, reused from any of
     them), with a warning and `files["tissue"]` naming its tissue.json.
     A case without `seg` is segmented from its `t1c` and `flair` by the segmentation
     network (`segment_with_network`, the shipped weights) when `segment_missing` is set,
     with a warning; its masks are then on the T1c grid (the T1c, loaded once, is also
-    `images["t1c"]`) and `files["seg"]` reads "rtjax.seg <weights version>".
+    `images["t1c"]`), `files["seg"]` reads "rtjax.seg <weights version>" and, with
+    `seg_uncertainty`, `images["seg_uncertainty"]` holds the network's uncertainty.
 
     Returns (files, convention, masks, images), images keyed by name with "seg" the
     reference grid.
@@ -88,24 +183,25 @@ def load_segmented_case(
         InputError: a missing `seg`, a missing tissue map without `atlas_tissue_dirs`,
             unknown labels, or images on different grids, naming the file or folder.
     """
-    overrides = dict(overrides or {})
-    edema_path = overrides.pop("edema", None)
-    files = find_case_files(case_dir, overrides=overrides)
-    _check_present(case_dir, files, segment_missing, atlas_tissue_dirs)
+    files = check_case_inputs(case_dir, overrides, extras=extras, segment_missing=segment_missing,
+                              atlas_tissue=bool(atlas_tissue_dirs))
+    overrides = {k: v for k, v in dict(overrides or {}).items() if k != "edema"}
     convention = get_convention(labels)
     if "seg" not in files:
-        masks, reference, files["seg"] = segment_with_network(case_dir, overrides)
+        masks, reference, files["seg"], unc = segment_with_network(case_dir, overrides, seg_uncertainty)
         if convention.name not in ("brats2021", "brats2023"):
             convention = get_convention("brats2021")
         images = {"seg": reference, "t1c": reference}
+        if unc is not None:
+            images["seg_uncertainty"] = reference.with_data(unc)
     else:
         masks, reference = load_tumour_masks(files["seg"], convention, ignore=tuple(ignore_labels))
         images = {"seg": reference}
     wanted = {"wm", "gm", *extras}
     images.update({n: load_image(files[n], kind=k) for n, k in CASE_KINDS.items()
                    if n in files and n in wanted and n not in images})
-    if edema_path is not None:
-        images["edema"], files["edema"], masks = _separate_edema(case_dir, edema_path, masks)
+    if "edema" in files:
+        images["edema"], files["edema"], masks = _separate_edema(case_dir, files["edema"], masks)
     if "wm" not in files:
         tissue = case_tissue(case_dir, atlas_tissue_dirs[0], lesion=masks.whole,
                              overrides=overrides, reuse_dirs=atlas_tissue_dirs[1:])
@@ -118,11 +214,11 @@ def load_segmented_case(
 
 
 def load_run_inputs(case_dir, labels, ignore_labels, overrides, atlas_tissue_dirs=()):
-    """`load_segmented_case` for `rtjax run` (segmenting a case without seg), requiring a
-    tumour core: the standard CTV grows from it."""
+    """`load_segmented_case` for `rtjax run` (segmenting a case without seg, with the
+    network's uncertainty), requiring a tumour core: the standard CTV grows from it."""
     files, convention, masks, images = load_segmented_case(
         case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides,
-        atlas_tissue_dirs=atlas_tissue_dirs, segment_missing=True)
+        atlas_tissue_dirs=atlas_tissue_dirs, segment_missing=True, seg_uncertainty=True)
     if not masks.core.any():
         raise InputError(files["seg"], "no tumour core (necrosis or enhancing voxels): the "
                          "standard CTV grows from the core")
