@@ -140,10 +140,13 @@ class SeriesInfo:
 
 
 def _dicom_files(folder: Path) -> list[Path]:
-    """Files under ``folder`` (recursively) that are DICOM: a DICM preamble, or ``.dcm``."""
-    found = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    """Files under ``folder`` (recursively, through linked folders, each folder once) that
+    are DICOM: a DICM preamble, or ``.dcm``."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.realpath(os.path.join(root, d)) not in seen)
         for name in sorted(names):
             path = Path(root) / name
             if name.startswith(".") or not path.is_file():

@@ -207,8 +207,17 @@ def _label_hint(counts, conv, unexpected, ignored) -> str:
     stray voxels (dropping a real tumour label is never the fix)."""
     present = {v for v in counts if v != 0} - set(ignored)
     labelled = sum(n for v, n in counts.items() if v != 0)
-    fits = " or ".join(f"--labels {c.name}" for c in CONVENTIONS.values()
-                       if c.name != conv.name and present <= c.known_labels)
+    rare = {v for v in present if counts[v] <= STRAY_FRACTION * labelled}
+    options = []
+    for other in CONVENTIONS.values():
+        if other.name == conv.name:
+            continue
+        if present <= other.known_labels:
+            options.append(f"--labels {other.name}")
+        elif present - rare <= other.known_labels:
+            drop_other = " ".join(f"--ignore-labels {v}" for v in sorted(present - other.known_labels))
+            options.append(f"--labels {other.name} {drop_other}")
+    fits = " or ".join(options)
     stray = sorted(v for v, n in unexpected.items() if n <= STRAY_FRACTION * labelled)
     many = sorted(set(unexpected) - set(stray))
     drop = " ".join(f"--ignore-labels {v}" for v in stray)
