@@ -50,7 +50,7 @@ import rtjax
 from rtjax.dicom import DICOM_DIR, SERIES_RECORD, dicom_affine
 from rtjax.errors import InputError
 from rtjax.io import Image, check_same_grid, load_image
-from rtjax.labels import get_convention, split_labels
+from rtjax.labels import TumourMasks, get_convention, split_labels
 
 __all__ = [
     "MR_SERIES_DIR",
@@ -70,6 +70,8 @@ MR_SERIES_DIR = "mr_t1c"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GRID_ATOL_MM = 1e-3
 _STORED_MAX = 4095  # 12-bit, as MR scanners store
+# A case's edema in its own file, when its label convention has none (rtjax.pipeline.case).
+_EDEMA_FILE = "edema.nii.gz"
 _COLOURS = {"GTV": (255, 0, 0), "Edema": (255, 200, 0), "CTV_standard": (0, 128, 255),
             "CTV_model": (0, 200, 0)}
 _CUTOFF_COLOURS = [(200, 0, 200), (0, 200, 200), (160, 80, 0), (128, 128, 255), (255, 128, 128)]
@@ -468,7 +470,8 @@ def case_rois(case_out_dir: PathLike) -> tuple[dict[str, np.ndarray], Image, dic
     """The ROIs of a finished ``rtjax run`` output folder, in canonical orientation.
 
     GTV (tumour core: necrosis + enhancing of ``segmentation.nii.gz``, read with the label
-    convention in ``params.json["options"]["labels"]``), Edema, ``CTV_standard_<margin>mm``
+    convention in ``params.json["options"]["labels"]``), Edema (``edema.nii.gz`` when the
+    convention has no edema label), ``CTV_standard_<margin>mm``
     (``ctv_standard.nii.gz``), ``CTV_model`` (``ctv_model.nii.gz``, iso-volumetric) and
     ``CTV_model_c<cutoff>`` for each ``ctv_model_c<cutoff>.nii.gz``.
 
@@ -501,6 +504,10 @@ def case_rois(case_out_dir: PathLike) -> tuple[dict[str, np.ndarray], Image, dic
     for cutoff, path in cutoffs:
         images[f"c{cutoff}"] = load_image(path, kind="mask")
     check_same_grid(images)
+    if (out / _EDEMA_FILE).is_file() and not convention.edema:
+        edema = load_image(out / _EDEMA_FILE, kind="mask")
+        check_same_grid({"seg": seg, "edema": edema})
+        masks = TumourMasks(necrosis=masks.necrosis, enhancing=masks.enhancing, edema=edema.data)
     rois = {"GTV": masks.core, "Edema": masks.edema,
             f"CTV_standard_{margin:g}mm": images["standard"].data,
             "CTV_model": images["model"].data}

@@ -34,6 +34,7 @@ from rtjax.pipeline import (
     run_case,
     run_cohort,
 )
+from rtjax.rtstruct import case_rois
 from rtjax.study import coverage
 
 SHAPE = (28, 28, 24)
@@ -442,3 +443,23 @@ def test_cli_run_and_cohort(cohort, tmp_path, monkeypatch):
     assert shard.exit_code == 2 and "shard" in shard.output
     for result in (again, bad, grid, unknown, shard):
         assert "Traceback" not in result.output
+
+
+def test_a_separate_edema_in_a_convention_without_edema_labels(cohort, tmp_path):
+    """TUM/Lipkova data: the T1c labels (tum: 1 enhancing, 4 necrosis) and the FLAIR edema
+    in its own file, here found by a --names pattern; the edema is written as edema.nii.gz
+    (the tum label map has no edema label) and read back as the RTSTRUCT's Edema ROI."""
+    root, arrays, _, _ = cohort
+    c = arrays["c"]
+    core, edema = c["seg"] == 4, c["seg"] == 2
+    case = tmp_path / "tum_case"
+    _write(case, {"tumT1c": combine_labels(TumourMasks(np.zeros_like(core), core, np.zeros_like(core)), "tum"),
+                  "tumFLAIR": (edema | core).astype(np.uint8), "WM": c["wm"], "GM": c["gm"]}, RAS)
+    out = tmp_path / "out"
+    run_case(case, out, labels="tum", names={"seg": "tumT1c*", "edema": "tumFLAIR*"},
+             initial="network", fit_iterations=15, progress=False)
+    np.testing.assert_array_equal(_load(out / "edema.nii.gz").astype(bool), edema)
+    assert set(np.unique(_load(out / "segmentation.nii.gz"))) == {0, 1}
+    rois, _, _ = case_rois(out)
+    np.testing.assert_array_equal(rois["Edema"], edema)
+    np.testing.assert_array_equal(rois["GTV"], core)

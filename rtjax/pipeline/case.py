@@ -13,7 +13,9 @@ input grid:
 - ``segmentation.nii.gz``: the input labels re-encoded in the case's own label convention
   (``--labels``; ignored stray labels become background, BRATS 2015 non-enhancing tumour
   comes back as necrosis, see :func:`rtjax.labels.combine_labels`), uint8; with
-  ``segmentation_uncertainty.nii.gz`` when the network segmented the case;
+  ``segmentation_uncertainty.nii.gz`` when the network segmented the case, and
+  ``edema.nii.gz`` when the edema came as its own file in a convention without an edema
+  label (``--labels tum --edema ...``);
 - ``density.nii.gz`` (float32, as fitted), ``ctv_standard.nii.gz``, ``ctv_model.nii.gz``
   and ``ctv_model_c<cutoff>.nii.gz`` per cutoff (uint8; model CTVs = density >= cutoff
   inside the brain);
@@ -66,7 +68,7 @@ from rtjax.errors import InputError
 from rtjax.config import to_dict
 from rtjax.fit import CaseFit, fit_case
 from rtjax.io import save_image
-from rtjax.labels import combine_labels
+from rtjax.labels import TumourMasks, combine_labels
 from rtjax.pipeline.inputs import case_overrides, check_case_inputs, load_run_inputs, load_segmented_case
 from rtjax.pipeline.options import RunOptions
 from rtjax.pipeline.outdir import DONE, OutputLock, check_out_dir, commit, fresh_partial
@@ -76,12 +78,24 @@ from rtjax.report import background_image, case_figure, case_report_html, mask_v
 from rtjax.rtstruct import export_rtstruct
 from rtjax.study import case_coverage, coverage as coverage_of
 
-__all__ = ["DONE", "cutoff_file", "run_case", "fit_case_dir"]
+__all__ = ["DONE", "EDEMA_FILE", "cutoff_file", "run_case", "fit_case_dir"]
+
+#: The edema of a case whose label convention has no edema label (given with --edema).
+EDEMA_FILE = "edema.nii.gz"
 
 
 def cutoff_file(cutoff: float) -> str:
     """The file name of the model CTV at a density cutoff: ``ctv_model_c<cutoff>.nii.gz``."""
     return f"ctv_model_c{cutoff:g}.nii.gz"
+
+
+def _labelled(masks: TumourMasks, convention) -> TumourMasks:
+    """The masks a label map of the convention can hold: a separate edema (TUM/Lipkova,
+    whose convention has no edema label) goes to its own file, :data:`EDEMA_FILE`."""
+    if convention.edema:
+        return masks
+    return TumourMasks(necrosis=masks.necrosis, enhancing=masks.enhancing,
+                       edema=np.zeros_like(masks.edema))
 
 
 def _brain(images) -> np.ndarray:
@@ -352,12 +366,14 @@ def _run(case_dir, out_dir, partial, options: RunOptions, given, series, dicom, 
                   "options": run_options,
                   **run_metadata()}
     images_out = [
-        (combine_labels(masks, convention), "segmentation.nii.gz", "label"),
+        (combine_labels(_labelled(masks, convention), convention), "segmentation.nii.gz", "label"),
         (fit.density, "density.nii.gz", "density"),
         (standard, "ctv_standard.nii.gz", "mask"),
         (model, "ctv_model.nii.gz", "mask"),
         *((m, cutoff_file(c), "mask") for c, m in by_cutoff.items()),
     ]
+    if not convention.edema and masks.edema.any():
+        images_out.append((masks.edema, EDEMA_FILE, "mask"))
     if "seg_uncertainty" in images:
         images_out.append((images["seg_uncertainty"].data, "segmentation_uncertainty.nii.gz", "float"))
     for array, name, kind in images_out:
