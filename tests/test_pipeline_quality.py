@@ -82,8 +82,8 @@ def test_assess_quality_says_why_in_plain_words():
     assert poor["quality"] == "poor"
     assert poor["reasons"] == [
         "the growth model reproduces the segmented edema poorly (Dice 0.13, below 0.7)",
-        "the network segmentation is uncertain (mean uncertainty 0.22 inside the tumour, above "
-        "0.15); check segmentation.nii.gz or give a seg"]
+        "the network segmentation is uncertain (mean uncertainty 0.220 inside the tumour, above "
+        "0.12); check segmentation.nii.gz or give a seg"]
     assert assess_quality(_info(), core, (1, 1, 1), seg_uncertainty=0.05)["quality"] == "good"
     unc = np.zeros((20, 20, 20), np.float32)
     unc[core] = 0.3

@@ -135,11 +135,14 @@ def check_case_inputs(case_dir, overrides=None, *, extras=tuple(CASE_KINDS),
 
 def segment_with_network(case_dir, overrides, uncertainty: bool = False):
     """(masks, T1c image, description, uncertainty or None) from the shipped segmentation
-    network, with a warning."""
+    network, with a warning. The uncertainty is the spread of the ensemble's members
+    (`rtjax.seg.infer`; no flips, so the masks are those of a plain segmentation and it
+    costs no extra forward pass)."""
     seg_weights = load_seg_weights()
     convention = get_convention("brats2021")
     label_array, unc, reference = segment_case(case_dir, weights=seg_weights, labels=convention.name,
-                                               overrides=overrides, uncertainty=uncertainty)
+                                               overrides=overrides, uncertainty=uncertainty,
+                                               tta=False)
     source = f"rtjax.seg {seg_weights.version}"
     warnings.warn(f"{case_dir}: no seg; segmented from t1c and flair by {source} "
                   "(check the masks in segmentation.nii.gz)", stacklevel=3)
