@@ -248,3 +248,30 @@ def test_several_values_after_one_flag():
         "--names", "seg=segm*", "--names", "brain_mask=b*", "--cutoff", "0.1", "CASE"]
     assert expand_multi_values(["--cutoff", "-0.5", "2", "--", "--cutoff", "3"]) == [
         "--cutoff", "-0.5", "--cutoff", "2", "--", "--cutoff", "3"]
+
+
+def test_cohort_logs_a_filesystem_error_and_goes_on(case, tmp_path, monkeypatch):
+    """A case that hits a filesystem error is one line on the terminal (the traceback goes
+    to errors.log), and the next case still runs."""
+    import rtjax.pipeline.cohort
+
+    cohort_dir = case.parent
+    (cohort_dir / "case2").symlink_to(case, target_is_directory=True)
+    ran = []
+
+    def fake_run_case(case_dir, out_dir, **kwargs):
+        ran.append(case_dir.name)
+        if case_dir.name == "case":
+            raise PermissionError(errno.EACCES, "Permission denied", str(out_dir / "density.nii.gz"))
+        out_dir.mkdir(parents=True)
+        (out_dir / "done.json").write_text(json.dumps({"case": case_dir.name, "quality": "good"}))
+
+    monkeypatch.setattr(rtjax.pipeline.cohort, "run_case", fake_run_case)
+    out = tmp_path / "cohort_out"
+    result = _invoke(["cohort", cohort_dir, "--out", out, "--labels", "brats2021", "--no-progress"])
+    assert result.exit_code == 1 and ran == ["case", "case2"]
+    assert "Traceback" not in result.output
+    assert f"failed case: {out / 'case' / 'density.nii.gz'}: Permission denied" in result.output
+    log = (out / "errors.log").read_text()
+    assert "Permission denied" in log and "Traceback" in log
+    assert "1 done (1 run now, 0 already done), 1 failed" in result.output
