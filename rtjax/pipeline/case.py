@@ -62,10 +62,10 @@ import numpy as np
 from scipy.ndimage import binary_fill_holes
 
 from growth.fit import FitConfig
+from rtjax.config import to_dict
 from rtjax.ctv import isovolumetric_cutoff, standard_ctv
 from rtjax.dicom import DICOM_DIR, convert_case_dicom, has_dicom_series
 from rtjax.errors import InputError
-from rtjax.config import to_dict
 from rtjax.fit import CaseFit, fit_case
 from rtjax.io import save_image
 from rtjax.labels import TumourMasks, combine_labels
@@ -76,7 +76,8 @@ from rtjax.pipeline.quality import QualityWarning, assess_quality, segmentation_
 from rtjax.provenance import run_metadata, write_json_atomic
 from rtjax.report import background_image, case_figure, case_report_html, mask_volumes_ml
 from rtjax.rtstruct import export_rtstruct
-from rtjax.study import case_coverage, coverage as coverage_of
+from rtjax.study import case_coverage
+from rtjax.study import coverage as coverage_of
 
 __all__ = ["DONE", "EDEMA_FILE", "cutoff_file", "run_case", "fit_case_dir"]
 

@@ -115,7 +115,7 @@ def _case_row(case: str, out_dir: Path) -> dict[str, Any]:
 
 def _summary_csv(rows) -> str:
     extra = sorted({k for row in rows for k in row if k not in SUMMARY_COLUMNS},
-                   key=lambda k: (float(k.split("_")[1][1:]), k))
+                   key=lambda k: (float(k.split("_")[1][1:]), not k.endswith("_volume_ml")))
     columns = (*SUMMARY_COLUMNS, *extra)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

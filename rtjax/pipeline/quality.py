@@ -81,22 +81,22 @@ def core_foci(core: np.ndarray, spacing: Sequence[float], *, min_focus_ml: float
     if not core.any():
         return {"parts": 0, "foci": 0, "gap_mm": None}
     box = bounding_box(core)
-    parts, n = label(core[box], structure=_CONNECTIVITY)
+    parts, _ = label(core[box], structure=_CONNECTIVITY)
     sizes = np.bincount(parts.ravel())[1:] * float(np.prod(spacing)) / 1000.0
     kept = np.flatnonzero(sizes >= min_focus_ml) + 1
     if len(kept) <= 1:
-        return {"parts": int(len(kept)), "foci": int(len(kept)), "gap_mm": None}
+        return {"parts": len(kept), "foci": len(kept), "gap_mm": None}
     big = np.isin(parts, kept)
     near = distance_transform_edt(~big, sampling=spacing) <= gap_mm / 2
-    groups, n_groups = label(near, structure=_CONNECTIVITY)
+    groups, _ = label(near, structure=_CONNECTIVITY)
     ids = np.unique(groups[big])
     if len(ids) <= 1:
-        return {"parts": int(len(kept)), "foci": 1, "gap_mm": None}
+        return {"parts": len(kept), "foci": 1, "gap_mm": None}
     volume = {g: int(np.count_nonzero(big & (groups == g))) for g in ids}
     largest = max(volume, key=volume.get)
     distance = distance_transform_edt(~(big & (groups == largest)), sampling=spacing)
     gap = float(distance[big & (groups != largest)].min())
-    return {"parts": int(len(kept)), "foci": int(len(ids)), "gap_mm": round(gap, 2)}
+    return {"parts": len(kept), "foci": len(ids), "gap_mm": round(gap, 2)}
 
 
 def _fit_boxes(initial: Mapping, bounds: FitBounds) -> dict[str, tuple[float, float]]:
