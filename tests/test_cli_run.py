@@ -275,3 +275,17 @@ def test_cohort_logs_a_filesystem_error_and_goes_on(case, tmp_path, monkeypatch)
     log = (out / "errors.log").read_text()
     assert "Permission denied" in log and "Traceback" in log
     assert "1 done (1 run now, 0 already done), 1 failed" in result.output
+
+
+def test_a_cohort_output_of_an_earlier_rtjax_is_resumed(case, tmp_path):
+    """An output folder without cohort.json whose finished cases carry no options (an
+    earlier rtjax) is resumed as before: its finished cases are skipped."""
+    from rtjax.pipeline import run_cohort
+
+    out = tmp_path / "old_out"
+    (out / "case").mkdir(parents=True)
+    (out / "case" / "done.json").write_text(json.dumps({"case": "case", "status": "done"}))
+    (out / "summary.csv").write_text("case,status\ncase,done\n")
+    result = run_cohort(case.parent, out, labels="brats2021", progress=False)
+    assert result.skipped == ["case"] and result.processed == [] and result.failed == []
+    assert json.loads((out / "cohort.json").read_text())["options"]["labels"] == "brats2021"

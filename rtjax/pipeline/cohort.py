@@ -137,12 +137,20 @@ def _run_options(case_options: dict) -> dict:
 
 
 def _done_with(case_dir: Path, options: dict) -> bool:
-    """Whether a case output is finished, with these options."""
+    """Whether a case output is finished, with these options (or by an rtjax from before
+    options were recorded: taken as done, as it was then)."""
     done = case_dir / DONE
     if not done.is_file():
         return False
-    recorded = json.loads(done.read_text()).get("run_options")
-    return recorded == {k: v for k, v in options.items() if k != "weights"}
+    recorded = json.loads(done.read_text()).get("run_options", "unrecorded")
+    return recorded == "unrecorded" or recorded == {k: v for k, v in options.items() if k != "weights"}
+
+
+def _earlier_cohort(out_dir: Path) -> bool:
+    """Whether a folder without cohort.json holds a cohort run of an earlier rtjax (a summary
+    or finished case folders), which is resumed as before."""
+    return (out_dir / "summary.csv").is_file() or any(
+        (d / DONE).is_file() for d in out_dir.iterdir() if d.is_dir())
 
 
 def _check_cohort_out(out_dir: Path, options: dict, overwrite: bool) -> None:
@@ -159,7 +167,7 @@ def _check_cohort_out(out_dir: Path, options: dict, overwrite: bool) -> None:
             what = ", ".join(f"{k} {before.get(k)!r} -> {options.get(k)!r}" for k in changed)
             raise InputError(out_dir, f"--out holds a cohort run with other options ({what}); "
                              "pass --overwrite to redo its cases with these, or choose another --out")
-    elif any(out_dir.iterdir()) and not overwrite:
+    elif any(out_dir.iterdir()) and not overwrite and not _earlier_cohort(out_dir):
         raise InputError(out_dir, f"--out exists, is not empty and is not an rtjax cohort output "
                          f"(no {COHORT_RECORD}); choose another --out (or pass --overwrite to "
                          "run the cohort into it, replacing case outputs made with other options)")
