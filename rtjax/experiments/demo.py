@@ -174,7 +174,7 @@ def run_demo(out_dir: str | Path, patient: dict | None = None, *, progress: bool
                            "recurrence_volume_ml": float(recurrence.sum() * np.prod(ref.spacing) / 1000)}),
     ]
     results = out_dir / "results"
-    summary = run_case(case, results, labels="brats2021", progress=progress)
+    summary = run_case(case, results, labels="brats2021", overwrite=True, progress=progress)
     paths += [results / name for name in summary["outputs"]]
     paths += segment_demo_case(case, out_dir / "network_segmentation")
     return paths

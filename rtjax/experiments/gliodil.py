@@ -82,7 +82,7 @@ def run_gliodil_case(out_dir, data: str | Path | None = None) -> dict:
     out_dir = Path(out_dir)
     source = Path(data or data_root()) / CASE
     summary = run_case(source, out_dir, labels="gliodil", ignore_labels=(2,),
-                       margin_mm=15.0, overrides=FILES)
+                       margin_mm=15.0, overrides=FILES, overwrite=True)
     result = compare(source, out_dir, summary)
     write_json_atomic(out_dir / "gliodil_comparison.json", {**result, **run_metadata()})
     return result
