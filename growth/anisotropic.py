@@ -44,10 +44,15 @@ from growth.diffusion import AbstractDiffusion, harmonic_mean
 from growth.grid import Grid
 from growth.seed import GaussianSeed
 from growth.solver import AbstractFKSimulator, FKParams
+from growth.tensor import TumourTensorFamily
 
 __all__ = [
+    "CUBE_OFFSETS",
     "selling_decomposition",
     "limit_condition",
+    "SellingField",
+    "selling_field",
+    "CompactStencilDiffusion",
     "TensorStencil",
     "tensor_stencil",
     "StencilDiffusion",
@@ -283,24 +288,265 @@ class StencilDiffusion(AbstractDiffusion):
         return jnp.max(self.outflow_rate())
 
 
+#: The 13 offset directions of the 3x3x3 cube (one of each pair {e, -e}), axes first.
+CUBE_OFFSETS: tuple[Offset, ...] = (
+    (1, 0, 0), (0, 1, 0), (0, 0, 1),
+    (1, 1, 0), (1, -1, 0), (1, 0, 1), (1, 0, -1), (0, 1, 1), (0, 1, -1),
+    (1, 1, 1), (1, 1, -1), (1, -1, 1), (1, -1, -1),
+)
+
+
+def _canonical(offsets: np.ndarray) -> np.ndarray:
+    """The representative of {e, -e} whose first non-zero component is positive (..., 3)."""
+    first = np.argmax(offsets != 0, axis=-1)
+    lead = np.take_along_axis(offsets, first[..., None], axis=-1)
+    return offsets * np.where(lead < 0, -1, 1)
+
+
+def _voxel_matrices(tensors: np.ndarray, spacing, max_condition: float):
+    """(6, *shape) tensors (mm^2/day) -> voxel-unit matrices of the voxels with a
+    non-zero tensor, condition-limited, and their flat indices."""
+    xx, xy, xz, yy, yz, zz = np.asarray(tensors, np.float64).reshape(6, -1)
+    matrices = np.stack(
+        [np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2
+    )
+    present = np.flatnonzero(np.trace(matrices, axis1=1, axis2=2) > 0)
+    limited, _ = limit_condition(matrices[present], max_condition)
+    inv_h = 1.0 / np.asarray(spacing, np.float64)
+    return limited * inv_h[None, :, None] * inv_h[None, None, :], present
+
+
+class SellingField(eqx.Module):
+    """Selling weights of K tensor fields on one grid, in the compact layout: dense rows
+    for the used directions of the 3x3x3 cube, and a sparse list of the voxel pairs
+    (x, x + e) joined by a longer offset e.
+
+    Voxel weights lambda_e(x) are in 1/day per unit of the tensors (voxel units:
+    D' = H^-1 D H^-1). A long pair is listed where both ends carry lambda_e > 0 in some
+    field and the straight segment between them stays in tissue (`line_of_sight`).
+
+    Attributes:
+        cube: (K, len(cube_offsets), *shape) lambda_e(x) on `cube_offsets`.
+        pair_lower, pair_upper: (P,) flat indices of x and x + e, sorted by x.
+        lambda_lower, lambda_upper: (K, P) lambda_e at x and at x + e.
+        cube_offsets: the cube directions used (the three axes always, first).
+        long_offsets: the longer offsets used (for reporting).
+    """
+
+    cube: Array
+    pair_lower: Array
+    pair_upper: Array
+    lambda_lower: Array
+    lambda_upper: Array
+    cube_offsets: tuple[Offset, ...] = eqx.field(static=True)
+    long_offsets: tuple[Offset, ...] = eqx.field(static=True)
+
+    @property
+    def offsets(self) -> tuple[Offset, ...]:
+        return self.cube_offsets + self.long_offsets
+
+
+def selling_field(
+    tensor_fields, spacing, tissue=None, *, max_condition: float = 25.0, dtype=jnp.float32
+) -> SellingField:
+    """Decompose tensor fields (a sequence of (6, *shape), components xx, xy, xz, yy, yz,
+    zz, mm^2/day) with Selling's reduction into the compact layout of `SellingField`.
+
+    Tensors whose eigenvalue ratio exceeds `max_condition` are first limited to it
+    (`limit_condition`, trace kept); zero tensors get zero weights. `tissue` (default:
+    where any field is non-zero) cuts long pairs whose segment leaves it.
+    """
+    fields = [np.asarray(t, np.float64) for t in tensor_fields]
+    shape = fields[0].shape[1:]
+    if any(t.shape != (6, *shape) for t in fields):
+        raise ValueError(f"tensor fields must share one shape (6, *grid), got {[t.shape for t in fields]}")
+    n = int(np.prod(shape))
+    cube_code = {e: i for i, e in enumerate(CUBE_OFFSETS)}
+    cube = np.zeros((len(fields), len(CUBE_OFFSETS), n))
+    long_vox, long_off, long_w, long_k = [], [], [], []
+    for k, t in enumerate(fields):
+        matrices, present = _voxel_matrices(t, spacing, max_condition)
+        if not len(present):
+            continue
+        offsets, weights = selling_decomposition(matrices)
+        offsets = _canonical(offsets).reshape(-1, 3)
+        weights = weights.reshape(-1)
+        voxel = np.repeat(present, 6)
+        used = weights > 0
+        in_cube = np.abs(offsets).max(1) <= 1
+        code = np.array([cube_code.get(tuple(e), -1) for e in map(tuple, offsets[used & in_cube])])
+        np.add.at(cube[k], (code, voxel[used & in_cube]), weights[used & in_cube])
+        sel = used & ~in_cube
+        long_vox.append(voxel[sel])
+        long_off.append(offsets[sel])
+        long_w.append(weights[sel])
+        long_k.append(np.full(int(sel.sum()), k))
+    inside = (np.abs(np.sum(fields, axis=0)).sum(0) > 0) if tissue is None else np.asarray(tissue) > 0
+    pairs = _long_pairs(
+        np.concatenate(long_vox) if long_vox else np.zeros(0, np.int64),
+        np.concatenate(long_off) if long_off else np.zeros((0, 3), np.int64),
+        np.concatenate(long_w) if long_w else np.zeros(0),
+        np.concatenate(long_k) if long_k else np.zeros(0, np.int64),
+        len(fields), shape, inside,
+    )
+    lower, upper, lam_lower, lam_upper, long_offsets = pairs
+    used_rows = [i for i in range(len(CUBE_OFFSETS)) if i < 3 or cube[:, i].any()]
+    return SellingField(
+        cube=jnp.asarray(cube[:, used_rows].reshape(len(fields), len(used_rows), *shape), dtype),
+        pair_lower=jnp.asarray(lower, jnp.int32),
+        pair_upper=jnp.asarray(upper, jnp.int32),
+        lambda_lower=jnp.asarray(lam_lower, dtype),
+        lambda_upper=jnp.asarray(lam_upper, dtype),
+        cube_offsets=tuple(CUBE_OFFSETS[i] for i in used_rows),
+        long_offsets=long_offsets,
+    )
+
+
+def _long_pairs(voxel, offset, weight, field, n_fields, shape, inside):
+    """The pairs (x, x + e) of long offsets with lambda_e > 0 at both ends (in the union
+    of the fields) and tissue along the segment; their lambdas per field."""
+    n = int(np.prod(shape))
+    empty = (np.zeros(0, np.int64),) * 2 + (np.zeros((n_fields, 0)),) * 2 + ((),)
+    if not len(voxel):
+        return empty
+    span = int(np.abs(offset).max())
+    base = 2 * span + 1
+    okey = ((offset + span) * np.array([base * base, base, 1])).sum(1)
+    key = okey * n + voxel
+    keys, inverse = np.unique(key, return_inverse=True)
+    lam = np.zeros((n_fields, len(keys)))
+    np.add.at(lam, (field, inverse), weight)
+    kvox, kokey = keys % n, keys // n
+    e = np.stack([kokey // (base * base), (kokey // base) % base, kokey % base], 1) - span
+    x = np.stack(np.unravel_index(kvox, shape), 1)
+    y = x + e
+    valid = np.all((y >= 0) & (y < np.asarray(shape)), axis=1)
+    partner_key = kokey * n + np.ravel_multi_index(tuple(np.where(valid[:, None], y, 0).T), shape)
+    pos = np.minimum(np.searchsorted(keys, partner_key), len(keys) - 1)
+    valid &= keys[pos] == partner_key
+    valid[valid] = _segment_in_tissue(x[valid], e[valid], inside)
+    lower, upper = kvox[valid], kvox[pos[valid]]
+    order = np.argsort(lower, kind="stable")
+    long_offsets = tuple(sorted({tuple(int(v) for v in row) for row in e[valid]}))
+    return (lower[order], upper[order], lam[:, valid][:, order], lam[:, pos[valid]][:, order],
+            long_offsets)
+
+
+def _segment_in_tissue(x: np.ndarray, e: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Per row, whether every voxel on the segment x -> x + e (sampled at each voxel
+    step, as `line_of_sight`) has tissue; (M,) bool. x + e must be in the grid."""
+    ok = np.ones(len(x), bool)
+    steps = np.abs(e).max(1)
+    for s in range(1, int(steps.max(initial=0))):
+        active = s < steps
+        point = x[active] + np.round(e[active] * s / steps[active, None]).astype(np.int64)
+        ok[np.flatnonzero(active)] &= inside[tuple(point.T)]
+    return ok
+
+
+def _view(padded: Array, e, shape) -> Array:
+    """The values at x + e for x in the grid, from an array zero-padded by 1."""
+    return padded[tuple(slice(1 + d, 1 + d + n) for d, n in zip(e, shape))]
+
+
+def _negate(e):
+    return tuple(-d for d in e)
+
+
+class CompactStencilDiffusion(AbstractDiffusion):
+    """div(D grad c) on a Selling stencil in the compact layout, 1/day.
+
+    The weight of the pair (x, x + e) (the harmonic mean of lambda_e at both ends) is
+    stored once. For the directions of the 3x3x3 cube it is a dense array (zero-padded by
+    one voxel, the weight at the lower end x); every voxel then receives
+
+        sum_e w_e(x) (c(x+e) - c(x)) + w_e(x-e) (c(x-e) - c(x)),
+
+    an elementwise pass over shifted views. The few pairs of longer offsets are a sparse
+    list: their flux w (c(upper) - c(lower)) is added at the lower and subtracted at the
+    upper voxel. Both parts are flux differences, so mass is conserved; all weights are
+    non-negative, so dt * max(outflow rate) <= 1 keeps explicit steps monotone.
+
+    Attributes:
+        dense: per cube direction, (n0+2, n1+2, n2+2) pair weights, 1/day.
+        pair_lower, pair_upper: (P,) flat voxel indices of the long pairs.
+        pair_weight: (P,) their weights, 1/day.
+        offsets: the cube directions of `dense` (static).
+    """
+
+    dense: tuple[Array, ...]
+    pair_lower: Array
+    pair_upper: Array
+    pair_weight: Array
+    offsets: tuple[Offset, ...] = eqx.field(static=True)
+
+    @classmethod
+    def from_voxel_weights(cls, cube: Array, offsets, pair_lower, pair_upper, lambda_lower,
+                           lambda_upper) -> "CompactStencilDiffusion":
+        """Pair weights as harmonic means of the voxel weights at both ends: `cube`
+        (len(offsets), *shape) on the cube directions, `lambda_lower/upper` (P,) on the
+        long pairs."""
+        shape = cube.shape[1:]
+        dense = []
+        for row, e in zip(cube, offsets):
+            partner = _view(jnp.pad(row, 1), e, shape)  # zero outside the grid
+            dense.append(jnp.pad(harmonic_mean(row, partner), 1))
+        return cls(dense=tuple(dense), pair_lower=pair_lower, pair_upper=pair_upper,
+                   pair_weight=harmonic_mean(lambda_lower, lambda_upper), offsets=tuple(offsets))
+
+    def __call__(self, c):
+        padded = jnp.pad(c, 1)
+        out = jnp.zeros_like(c)
+        for w, e in zip(self.dense, self.offsets):
+            back = _negate(e)
+            out = out + _view(w, (0, 0, 0), c.shape) * (_view(padded, e, c.shape) - c)
+            out = out + _view(w, back, c.shape) * (_view(padded, back, c.shape) - c)
+        if self.pair_weight.size:
+            flat = c.reshape(-1)
+            flux = self.pair_weight * (flat[self.pair_upper] - flat[self.pair_lower])
+            # Two scatters into zeros: faster on CPU than one, and than scattering into
+            # the dense result (which would pull the dense pass into the scatter loop).
+            extra = jnp.zeros_like(flat).at[self.pair_lower].add(flux).at[self.pair_upper].add(-flux)
+            out = out + extra.reshape(c.shape)
+        return out
+
+    def outflow_rate(self) -> Array:
+        """Per voxel, the sum of the weights of its pairs (1/day)."""
+        shape = tuple(n - 2 for n in self.dense[0].shape)
+        rate = sum(_view(w, (0, 0, 0), shape) + _view(w, _negate(e), shape)
+                   for w, e in zip(self.dense, self.offsets))
+        if self.pair_weight.size:
+            rate = rate.reshape(-1).at[self.pair_lower].add(self.pair_weight)
+            rate = rate.at[self.pair_upper].add(self.pair_weight).reshape(shape)
+        return rate
+
+    def rate_bound(self):
+        return jnp.max(self.outflow_rate())
+
+
 class AnisotropicFKSimulator(AbstractFKSimulator):
     """FK forward model with D(x) = Dw [p_wm A(x) + p_gm / ratio I]: (params, origin, time)
     -> density, like `growth.FKSimulator` (same call, vmap and gradients; Dw, rho, ratio,
-    origin and time are traced; the white-matter shape tensor A is fixed at creation).
+    origin and time are traced).
+
+    The white-matter shape tensor A is fixed at creation, or a `TumourTensorFamily`: then
+    A(r) = a(x, r) A(r_lo) + (1 - a(x, r)) A(r_hi) and the anisotropy r
+    (`FKParams.anisotropy`, within the family's range) is traced and differentiable too:
+    both ends are decomposed once and their Selling weights mixed per solve.
 
     Attributes:
-        wm_weights: (n_offsets, ...) Selling weights of p_wm A, 1/day per unit Dw.
-        gm_weights: (3, ...) p_gm / h_k^2 on the axis offsets (the first three rows).
-        sight: per offset, the line-of-sight pair mask (tissue along the pair's segment).
+        selling: Selling weights of p_wm A (one field, or the family's two ends), 1/day
+            per unit Dw (`SellingField`).
+        gm_weights: (3, ...) p_gm / h_k^2 on the axes.
+        family: the family's traces and range (None for a fixed tensor).
         tissue: p_wm + p_gm, for masking the seed.
     """
 
-    wm_weights: Array
+    selling: SellingField
     gm_weights: Array
-    sight: tuple[Array, ...]
+    family: TumourTensorFamily | None
     tissue: Array
     grid: Grid = eqx.field(static=True)
-    offsets: tuple[Offset, ...] = eqx.field(static=True)
     dt: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     seed: GaussianSeed = eqx.field(static=True, default=GaussianSeed())
@@ -312,7 +558,7 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
         cls,
         wm,
         gm,
-        shape_tensor: Float[np.ndarray, "6 n0 n1 n2"],
+        shape_tensor: Float[np.ndarray, "6 n0 n1 n2"] | TumourTensorFamily,
         grid: Grid,
         *,
         dw_max: float,
@@ -322,42 +568,50 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
         seed: GaussianSeed = GaussianSeed(),
         dtype=jnp.float32,
         progress: bool = False,
+        max_condition: float = 25.0,
     ) -> "AnisotropicFKSimulator":
         """Build the stencil and choose the step for Dw up to `dw_max` (mm^2/day, ratio
-        >= 1) and times up to `t_max` (days). The step is `safety` times the exact
-        monotonicity limit 1 / max_x(outflow rate); an explicit `dt` above it is refused.
+        >= 1, any r of a family) and times up to `t_max` (days). The step is `safety`
+        times the exact monotonicity limit 1 / max_x(outflow rate); an explicit `dt`
+        above it is refused.
 
         Args:
             wm, gm: tissue probabilities (grid.shape).
             shape_tensor: (6, *grid.shape) white-matter shape tensor A (xx, xy, xz, yy,
-                yz, zz), dimensionless (trace 3 for a trace-preserving construction).
+                yz, zz), dimensionless (trace 3 for a trace-preserving construction), or
+                a `TumourTensorFamily` on the grid (r fitted).
+            max_condition: eigenvalue ratios above this are limited (`limit_condition`).
         """
         wm = np.asarray(wm, np.float64)
         gm = np.asarray(gm, np.float64)
-        tensors = np.asarray(shape_tensor, np.float64)
-        if wm.shape != grid.shape or gm.shape != grid.shape or tensors.shape != (6, *grid.shape):
+        family = shape_tensor if isinstance(shape_tensor, TumourTensorFamily) else None
+        ends = [family.lo, family.hi] if family is not None else [shape_tensor]
+        ends = [np.asarray(t, np.float64) for t in ends]
+        if wm.shape != grid.shape or gm.shape != grid.shape or any(
+                t.shape != (6, *grid.shape) for t in ends):
             raise ValueError(
                 f"shapes differ: grid {grid.shape}, wm {wm.shape}, gm {gm.shape}, "
-                f"tensor {tensors.shape} (expected (6, *grid))"
+                f"tensor {[t.shape for t in ends]} (expected (6, *grid))"
             )
-        stencil = tensor_stencil(tensors * wm[None], grid.spacing)
-        inv_h2 = np.asarray([1.0 / h**2 for h in grid.spacing])
-        gm_weights = gm[None] * inv_h2[:, None, None, None]
         tissue = wm + gm
-        sight = line_of_sight(tissue, stencil.offsets)
+        selling = selling_field([t * wm[None] for t in ends], grid.spacing, tissue,
+                                max_condition=max_condition, dtype=dtype)
+        inv_h2 = np.asarray([1.0 / h**2 for h in grid.spacing])
+        if family is not None:
+            family = jax.tree.map(lambda a: jnp.asarray(a, dtype), family)
         sim = cls(
-            wm_weights=stencil.weights.astype(dtype),
-            gm_weights=jnp.asarray(gm_weights, dtype),
-            sight=tuple(jnp.asarray(m) for m in sight),
+            selling=selling,
+            gm_weights=jnp.asarray(gm[None] * inv_h2[:, None, None, None], dtype),
+            family=family,
             tissue=jnp.asarray(tissue, dtype),
             grid=grid,
-            offsets=stencil.offsets,
             dt=1.0,
             max_steps=1,
             seed=seed,
             progress=progress,
         )
-        # The fastest admissible case: Dw = dw_max and ratio = 1 (weights grow with both).
+        # The fastest admissible case: Dw = dw_max, ratio = 1 (weights grow with both)
+        # and, for a family, the larger of its two ends' weights everywhere.
         bound = float(_rate_bound(sim, FKParams(dw_max, 0.0, 1.0)))
         limit = 1.0 / bound if bound > 0 else 1.0
         if dt is None:
@@ -374,16 +628,43 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
     def dtype(self):
         return self.tissue.dtype
 
-    def voxel_weights(self, params: FKParams) -> Array:
-        """lambda_e(x) of D = Dw [p_wm A + p_gm / ratio I] per offset, 1/day."""
-        weights = self.wm_weights
-        weights = weights.at[:3].add(self.gm_weights / params.ratio)
-        return params.dw * weights
+    @property
+    def offsets(self) -> tuple[Offset, ...]:
+        """All stencil offsets in use (cube directions, then longer ones)."""
+        return self.selling.offsets
 
-    def diffusion(self, params: FKParams) -> StencilDiffusion:
+    def _mixing(self, params: FKParams):
+        """Per-field weights (K, *shape) of the white-matter stencil; None: the maximum
+        over the fields (the step bound)."""
+        if self.family is None:
+            return jnp.ones((1,) + self.grid.shape, self.dtype)
+        if params.anisotropy is None:
+            return None
+        a = self.family.mixing(params.anisotropy)
+        return jnp.stack([a, 1.0 - a])
+
+    def voxel_weights(self, params: FKParams):
+        """lambda_e(x) of D = Dw [p_wm A + p_gm / ratio I], 1/day: on the cube
+        directions (len(offsets), *shape) and at both ends of the long pairs (P,)."""
+        mix = self._mixing(params)
+        field = self.selling
+        if mix is None:
+            cube, lower, upper = (jnp.max(a, axis=0) for a in
+                                  (field.cube, field.lambda_lower, field.lambda_upper))
+        else:
+            cube = jnp.einsum("k...,kr...->r...", mix, field.cube)
+            flat = mix.reshape(mix.shape[0], -1)
+            lower = jnp.sum(flat[:, field.pair_lower] * field.lambda_lower, axis=0)
+            upper = jnp.sum(flat[:, field.pair_upper] * field.lambda_upper, axis=0)
+        cube = cube.at[:3].add(self.gm_weights / params.ratio)
+        return params.dw * cube, params.dw * lower, params.dw * upper
+
+    def diffusion(self, params: FKParams) -> CompactStencilDiffusion:
         """The discretised operator for these parameters."""
-        return StencilDiffusion.from_voxel_weights(
-            self.voxel_weights(params), self.offsets, self.sight
+        cube, lower, upper = self.voxel_weights(params)
+        return CompactStencilDiffusion.from_voxel_weights(
+            cube, self.selling.cube_offsets, self.selling.pair_lower, self.selling.pair_upper,
+            lower, upper,
         )
 
     def initial_density(self, origin_mm) -> Array:
