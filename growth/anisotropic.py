@@ -48,6 +48,7 @@ from growth.tensor import TumourTensorFamily
 
 __all__ = [
     "CUBE_OFFSETS",
+    "DENSE_FRACTION",
     "selling_decomposition",
     "limit_condition",
     "SellingField",
@@ -318,92 +319,134 @@ def _voxel_matrices(tensors: np.ndarray, spacing, max_condition: float):
 
 class SellingField(eqx.Module):
     """Selling weights of K tensor fields on one grid, in the compact layout: dense rows
-    for the used directions of the 3x3x3 cube, and a sparse list of the voxel pairs
-    (x, x + e) joined by a longer offset e.
+    for the offsets many voxels use (the axes always), and a sparse list of the voxel
+    pairs (x, x + e) joined by the other offsets.
 
     Voxel weights lambda_e(x) are in 1/day per unit of the tensors (voxel units:
-    D' = H^-1 D H^-1). A long pair is listed where both ends carry lambda_e > 0 in some
-    field and the straight segment between them stays in tissue (`line_of_sight`).
+    D' = H^-1 D H^-1). A sparse pair is listed where both ends carry lambda_e > 0 in some
+    field and the straight segment between them stays in tissue (`line_of_sight`); dense
+    rows of offsets longer than one voxel are cut the same way when the operator is built.
 
     Attributes:
-        cube: (K, len(cube_offsets), *shape) lambda_e(x) on `cube_offsets`.
+        dense: (K, len(dense_offsets), *shape) lambda_e(x) on `dense_offsets`.
         pair_lower, pair_upper: (P,) flat indices of x and x + e, sorted by x.
         lambda_lower, lambda_upper: (K, P) lambda_e at x and at x + e.
-        cube_offsets: the cube directions used (the three axes always, first).
-        long_offsets: the longer offsets used (for reporting).
+        dense_sight: per dense offset longer than one voxel, the (*shape) bool mask of x
+            whose segment to x + e stays in tissue (None for the others).
+        dense_offsets: the offsets of the dense rows (the three axes first).
+        sparse_offsets: the offsets of the sparse pairs (for reporting).
     """
 
-    cube: Array
+    dense: Array
     pair_lower: Array
     pair_upper: Array
     lambda_lower: Array
     lambda_upper: Array
-    cube_offsets: tuple[Offset, ...] = eqx.field(static=True)
-    long_offsets: tuple[Offset, ...] = eqx.field(static=True)
+    dense_sight: tuple[Array | None, ...]
+    dense_offsets: tuple[Offset, ...] = eqx.field(static=True)
+    sparse_offsets: tuple[Offset, ...] = eqx.field(static=True)
 
     @property
     def offsets(self) -> tuple[Offset, ...]:
-        return self.cube_offsets + self.long_offsets
+        return self.dense_offsets + self.sparse_offsets
+
+
+#: An offset goes into a dense row when at least this fraction of the voxels use it:
+#: on CPU a dense row costs about as much as one axis of the isotropic operator, a
+#: sparse pair (gather + scatter) about 13 times one voxel of it.
+DENSE_FRACTION = 0.05
+
+
+def _offset_keys(offsets: np.ndarray, span: int) -> np.ndarray:
+    base = 2 * span + 1
+    return ((offsets + span) * np.array([base * base, base, 1])).sum(-1)
+
+
+def _key_offsets(keys: np.ndarray, span: int) -> np.ndarray:
+    base = 2 * span + 1
+    return np.stack([keys // (base * base), (keys // base) % base, keys % base], -1) - span
 
 
 def selling_field(
-    tensor_fields, spacing, tissue=None, *, max_condition: float = 25.0, dtype=jnp.float32
+    tensor_fields, spacing, tissue=None, *, max_condition: float = 25.0,
+    dense_fraction: float = DENSE_FRACTION, dtype=jnp.float32,
 ) -> SellingField:
     """Decompose tensor fields (a sequence of (6, *shape), components xx, xy, xz, yy, yz,
     zz, mm^2/day) with Selling's reduction into the compact layout of `SellingField`.
 
     Tensors whose eigenvalue ratio exceeds `max_condition` are first limited to it
-    (`limit_condition`, trace kept); zero tensors get zero weights. `tissue` (default:
-    where any field is non-zero) cuts long pairs whose segment leaves it.
+    (`limit_condition`, trace kept); zero tensors get zero weights. Offsets used by at
+    least `dense_fraction` of the voxels (in any field) get dense rows, the others are
+    sparse pairs. `tissue` (default: where any field is non-zero) cuts pairs whose
+    segment leaves it.
     """
     fields = [np.asarray(t, np.float64) for t in tensor_fields]
     shape = fields[0].shape[1:]
     if any(t.shape != (6, *shape) for t in fields):
         raise ValueError(f"tensor fields must share one shape (6, *grid), got {[t.shape for t in fields]}")
     n = int(np.prod(shape))
-    cube_code = {e: i for i, e in enumerate(CUBE_OFFSETS)}
-    cube = np.zeros((len(fields), len(CUBE_OFFSETS), n))
-    long_vox, long_off, long_w, long_k = [], [], [], []
+    voxel, offset, weight, field = [], [], [], []
     for k, t in enumerate(fields):
         matrices, present = _voxel_matrices(t, spacing, max_condition)
         if not len(present):
             continue
         offsets, weights = selling_decomposition(matrices)
-        offsets = _canonical(offsets).reshape(-1, 3)
-        weights = weights.reshape(-1)
-        voxel = np.repeat(present, 6)
-        used = weights > 0
-        in_cube = np.abs(offsets).max(1) <= 1
-        code = np.array([cube_code.get(tuple(e), -1) for e in map(tuple, offsets[used & in_cube])])
-        np.add.at(cube[k], (code, voxel[used & in_cube]), weights[used & in_cube])
-        sel = used & ~in_cube
-        long_vox.append(voxel[sel])
-        long_off.append(offsets[sel])
-        long_w.append(weights[sel])
-        long_k.append(np.full(int(sel.sum()), k))
+        used = weights.reshape(-1) > 0
+        voxel.append(np.repeat(present, 6)[used])
+        offset.append(_canonical(offsets).reshape(-1, 3)[used])
+        weight.append(weights.reshape(-1)[used])
+        field.append(np.full(int(used.sum()), k))
+    voxel, weight, field = (np.concatenate(v) if v else np.zeros(0) for v in (voxel, weight, field))
+    voxel, field = voxel.astype(np.int64), field.astype(np.int64)
+    offset = np.concatenate(offset) if offset else np.zeros((0, 3), np.int64)
+    span = max(int(np.abs(offset).max(initial=1)), 1)
+    okey = _offset_keys(offset, span)
+    # usage: distinct voxels per offset (over all fields)
+    distinct = np.unique(okey * n + voxel)
+    keys, counts = np.unique(distinct // n, return_counts=True)
+    axes = list(CUBE_OFFSETS[:3])
+    frequent = {tuple(int(v) for v in e) for e, c in zip(_key_offsets(keys, span), counts)
+                if c >= dense_fraction * n}
+    rank = {e: i for i, e in enumerate(CUBE_OFFSETS)}
+    dense_offsets = tuple(axes) + tuple(sorted(frequent - set(axes),
+                                               key=lambda e: (rank.get(e, 99), max(map(abs, e)), e)))
+    row_of_key = {int(_offset_keys(np.array(e), span)): i for i, e in enumerate(dense_offsets)}
+    row = np.array([row_of_key.get(int(k), -1) for k in okey], np.int64)
+    dense = np.zeros((len(fields), len(dense_offsets), n))
+    in_dense = row >= 0
+    np.add.at(dense, (field[in_dense], row[in_dense], voxel[in_dense]), weight[in_dense])
     inside = (np.abs(np.sum(fields, axis=0)).sum(0) > 0) if tissue is None else np.asarray(tissue) > 0
-    pairs = _long_pairs(
-        np.concatenate(long_vox) if long_vox else np.zeros(0, np.int64),
-        np.concatenate(long_off) if long_off else np.zeros((0, 3), np.int64),
-        np.concatenate(long_w) if long_w else np.zeros(0),
-        np.concatenate(long_k) if long_k else np.zeros(0, np.int64),
-        len(fields), shape, inside,
-    )
-    lower, upper, lam_lower, lam_upper, long_offsets = pairs
-    used_rows = [i for i in range(len(CUBE_OFFSETS)) if i < 3 or cube[:, i].any()]
+    sparse = ~in_dense
+    lower, upper, lam_lower, lam_upper, sparse_offsets = _sparse_pairs(
+        voxel[sparse], offset[sparse], weight[sparse], field[sparse], len(fields), shape, inside)
+    sight = tuple(jnp.asarray(m) if max(map(abs, e)) > 1 else None
+                  for e, m in zip(dense_offsets, _dense_sight(inside, dense_offsets)))
     return SellingField(
-        cube=jnp.asarray(cube[:, used_rows].reshape(len(fields), len(used_rows), *shape), dtype),
+        dense=jnp.asarray(dense.reshape(len(fields), len(dense_offsets), *shape), dtype),
         pair_lower=jnp.asarray(lower, jnp.int32),
         pair_upper=jnp.asarray(upper, jnp.int32),
         lambda_lower=jnp.asarray(lam_lower, dtype),
         lambda_upper=jnp.asarray(lam_upper, dtype),
-        cube_offsets=tuple(CUBE_OFFSETS[i] for i in used_rows),
-        long_offsets=long_offsets,
+        dense_sight=sight,
+        dense_offsets=dense_offsets,
+        sparse_offsets=sparse_offsets,
     )
 
 
-def _long_pairs(voxel, offset, weight, field, n_fields, shape, inside):
-    """The pairs (x, x + e) of long offsets with lambda_e > 0 at both ends (in the union
+def _dense_sight(inside: np.ndarray, offsets) -> list[np.ndarray]:
+    """`line_of_sight` of each offset as a full-grid mask at the lower end x (False where
+    x + e leaves the grid)."""
+    masks = []
+    for e, ok in zip(offsets, line_of_sight(inside, offsets)):
+        lower, _ = _pair_slices(inside.shape, e)
+        full = np.zeros(inside.shape, bool)
+        full[lower] = ok
+        masks.append(full)
+    return masks
+
+
+def _sparse_pairs(voxel, offset, weight, field, n_fields, shape, inside):
+    """The pairs (x, x + e) of the sparse offsets with lambda_e > 0 at both ends (in the union
     of the fields) and tissue along the segment; their lambdas per field."""
     n = int(np.prod(shape))
     empty = (np.zeros(0, np.int64),) * 2 + (np.zeros((n_fields, 0)),) * 2 + ((),)
@@ -444,9 +487,13 @@ def _segment_in_tissue(x: np.ndarray, e: np.ndarray, inside: np.ndarray) -> np.n
     return ok
 
 
-def _view(padded: Array, e, shape) -> Array:
-    """The values at x + e for x in the grid, from an array zero-padded by 1."""
-    return padded[tuple(slice(1 + d, 1 + d + n) for d, n in zip(e, shape))]
+def _view(padded: Array, e, shape, halo: int = 1) -> Array:
+    """The values at x + e for x in the grid, from an array zero-padded by `halo`."""
+    return padded[tuple(slice(halo + d, halo + d + n) for d, n in zip(e, shape))]
+
+
+def _halo(offsets) -> int:
+    return max((max(abs(v) for v in e) for e in offsets), default=1)
 
 
 def _negate(e):
@@ -457,21 +504,21 @@ class CompactStencilDiffusion(AbstractDiffusion):
     """div(D grad c) on a Selling stencil in the compact layout, 1/day.
 
     The weight of the pair (x, x + e) (the harmonic mean of lambda_e at both ends) is
-    stored once. For the directions of the 3x3x3 cube it is a dense array (zero-padded by
-    one voxel, the weight at the lower end x); every voxel then receives
+    stored once. For the offsets of the dense rows it is an array (zero-padded by `halo`
+    voxels, the weight at the lower end x), and every voxel receives
 
         sum_e w_e(x) (c(x+e) - c(x)) + w_e(x-e) (c(x-e) - c(x)),
 
-    an elementwise pass over shifted views. The few pairs of longer offsets are a sparse
+    one elementwise pass over shifted views. The pairs of the other offsets are a sparse
     list: their flux w (c(upper) - c(lower)) is added at the lower and subtracted at the
     upper voxel. Both parts are flux differences, so mass is conserved; all weights are
     non-negative, so dt * max(outflow rate) <= 1 keeps explicit steps monotone.
 
     Attributes:
-        dense: per cube direction, (n0+2, n1+2, n2+2) pair weights, 1/day.
-        pair_lower, pair_upper: (P,) flat voxel indices of the long pairs.
+        dense: per dense offset, the padded pair weights (n0+2h, n1+2h, n2+2h), 1/day.
+        pair_lower, pair_upper: (P,) flat voxel indices of the sparse pairs.
         pair_weight: (P,) their weights, 1/day.
-        offsets: the cube directions of `dense` (static).
+        offsets: the offsets of `dense` (static).
     """
 
     dense: tuple[Array, ...]
@@ -481,26 +528,36 @@ class CompactStencilDiffusion(AbstractDiffusion):
     offsets: tuple[Offset, ...] = eqx.field(static=True)
 
     @classmethod
-    def from_voxel_weights(cls, cube: Array, offsets, pair_lower, pair_upper, lambda_lower,
-                           lambda_upper) -> "CompactStencilDiffusion":
-        """Pair weights as harmonic means of the voxel weights at both ends: `cube`
-        (len(offsets), *shape) on the cube directions, `lambda_lower/upper` (P,) on the
-        long pairs."""
-        shape = cube.shape[1:]
-        dense = []
-        for row, e in zip(cube, offsets):
-            partner = _view(jnp.pad(row, 1), e, shape)  # zero outside the grid
-            dense.append(jnp.pad(harmonic_mean(row, partner), 1))
-        return cls(dense=tuple(dense), pair_lower=pair_lower, pair_upper=pair_upper,
+    def from_voxel_weights(cls, dense: Array, offsets, pair_lower, pair_upper, lambda_lower,
+                           lambda_upper, sight=None) -> "CompactStencilDiffusion":
+        """Pair weights as harmonic means of the voxel weights at both ends: `dense`
+        (len(offsets), *shape) on the dense offsets, cut where `sight` (per offset a
+        (*shape) mask at the lower end, or None) is False; `lambda_lower/upper` (P,) on
+        the sparse pairs."""
+        shape = dense.shape[1:]
+        halo = _halo(offsets)
+        rows = []
+        for k, (row, e) in enumerate(zip(dense, offsets)):
+            partner = _view(jnp.pad(row, halo), e, shape, halo)  # zero outside the grid
+            w = harmonic_mean(row, partner)
+            if sight is not None and sight[k] is not None:
+                w = jnp.where(sight[k], w, 0.0)
+            rows.append(jnp.pad(w, halo))
+        return cls(dense=tuple(rows), pair_lower=pair_lower, pair_upper=pair_upper,
                    pair_weight=harmonic_mean(lambda_lower, lambda_upper), offsets=tuple(offsets))
 
+    @property
+    def halo(self) -> int:
+        return _halo(self.offsets)
+
     def __call__(self, c):
-        padded = jnp.pad(c, 1)
+        h = self.halo
+        padded = jnp.pad(c, h)
         out = jnp.zeros_like(c)
         for w, e in zip(self.dense, self.offsets):
             back = _negate(e)
-            out = out + _view(w, (0, 0, 0), c.shape) * (_view(padded, e, c.shape) - c)
-            out = out + _view(w, back, c.shape) * (_view(padded, back, c.shape) - c)
+            out = out + _view(w, (0, 0, 0), c.shape, h) * (_view(padded, e, c.shape, h) - c)
+            out = out + _view(w, back, c.shape, h) * (_view(padded, back, c.shape, h) - c)
         if self.pair_weight.size:
             flat = c.reshape(-1)
             flux = self.pair_weight * (flat[self.pair_upper] - flat[self.pair_lower])
@@ -512,8 +569,9 @@ class CompactStencilDiffusion(AbstractDiffusion):
 
     def outflow_rate(self) -> Array:
         """Per voxel, the sum of the weights of its pairs (1/day)."""
-        shape = tuple(n - 2 for n in self.dense[0].shape)
-        rate = sum(_view(w, (0, 0, 0), shape) + _view(w, _negate(e), shape)
+        h = self.halo
+        shape = tuple(n - 2 * h for n in self.dense[0].shape)
+        rate = sum(_view(w, (0, 0, 0), shape, h) + _view(w, _negate(e), shape, h)
                    for w, e in zip(self.dense, self.offsets))
         if self.pair_weight.size:
             rate = rate.reshape(-1).at[self.pair_lower].add(self.pair_weight)
@@ -536,7 +594,7 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
 
     Attributes:
         selling: Selling weights of p_wm A (one field, or the family's two ends), 1/day
-            per unit Dw (`SellingField`).
+            per unit Dw (`SellingField`); the axes rows also carry the grey matter.
         gm_weights: (3, ...) p_gm / h_k^2 on the axes.
         family: the family's traces and range (None for a fixed tensor).
         tissue: p_wm + p_gm, for masking the seed.
@@ -569,6 +627,7 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
         dtype=jnp.float32,
         progress: bool = False,
         max_condition: float = 25.0,
+        dense_fraction: float = DENSE_FRACTION,
     ) -> "AnisotropicFKSimulator":
         """Build the stencil and choose the step for Dw up to `dw_max` (mm^2/day, ratio
         >= 1, any r of a family) and times up to `t_max` (days). The step is `safety`
@@ -581,6 +640,8 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
                 yz, zz), dimensionless (trace 3 for a trace-preserving construction), or
                 a `TumourTensorFamily` on the grid (r fitted).
             max_condition: eigenvalue ratios above this are limited (`limit_condition`).
+            dense_fraction: offsets used by at least this fraction of the voxels get a
+                dense row, the others are a sparse pair list (`selling_field`).
         """
         wm = np.asarray(wm, np.float64)
         gm = np.asarray(gm, np.float64)
@@ -595,7 +656,8 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
             )
         tissue = wm + gm
         selling = selling_field([t * wm[None] for t in ends], grid.spacing, tissue,
-                                max_condition=max_condition, dtype=dtype)
+                                max_condition=max_condition, dense_fraction=dense_fraction,
+                                dtype=dtype)
         inv_h2 = np.asarray([1.0 / h**2 for h in grid.spacing])
         if family is not None:
             family = jax.tree.map(lambda a: jnp.asarray(a, dtype), family)
@@ -630,7 +692,7 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
 
     @property
     def offsets(self) -> tuple[Offset, ...]:
-        """All stencil offsets in use (cube directions, then longer ones)."""
+        """All stencil offsets in use (the dense rows', then the sparse pairs')."""
         return self.selling.offsets
 
     def _mixing(self, params: FKParams):
@@ -644,27 +706,28 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
         return jnp.stack([a, 1.0 - a])
 
     def voxel_weights(self, params: FKParams):
-        """lambda_e(x) of D = Dw [p_wm A + p_gm / ratio I], 1/day: on the cube
-        directions (len(offsets), *shape) and at both ends of the long pairs (P,)."""
+        """lambda_e(x) of D = Dw [p_wm A + p_gm / ratio I], 1/day: on the dense offsets
+        (len(selling.dense_offsets), *shape) and at both ends of the sparse pairs (P,)."""
         mix = self._mixing(params)
         field = self.selling
         if mix is None:
-            cube, lower, upper = (jnp.max(a, axis=0) for a in
-                                  (field.cube, field.lambda_lower, field.lambda_upper))
+            dense, lower, upper = (jnp.max(a, axis=0) for a in
+                                   (field.dense, field.lambda_lower, field.lambda_upper))
         else:
-            cube = jnp.einsum("k...,kr...->r...", mix, field.cube)
+            dense = jnp.einsum("k...,kr...->r...", mix, field.dense)
             flat = mix.reshape(mix.shape[0], -1)
             lower = jnp.sum(flat[:, field.pair_lower] * field.lambda_lower, axis=0)
             upper = jnp.sum(flat[:, field.pair_upper] * field.lambda_upper, axis=0)
-        cube = cube.at[:3].add(self.gm_weights / params.ratio)
-        return params.dw * cube, params.dw * lower, params.dw * upper
+        dense = dense.at[:3].add(self.gm_weights / params.ratio)
+        return params.dw * dense, params.dw * lower, params.dw * upper
 
     def diffusion(self, params: FKParams) -> CompactStencilDiffusion:
         """The discretised operator for these parameters."""
-        cube, lower, upper = self.voxel_weights(params)
+        dense, lower, upper = self.voxel_weights(params)
+        field = self.selling
         return CompactStencilDiffusion.from_voxel_weights(
-            cube, self.selling.cube_offsets, self.selling.pair_lower, self.selling.pair_upper,
-            lower, upper,
+            dense, field.dense_offsets, field.pair_lower, field.pair_upper, lower, upper,
+            field.dense_sight,
         )
 
     def initial_density(self, origin_mm) -> Array:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BenchmarkRow", "benchmark_solver", "format_table", "brain_tissue_240"]
+from growth import FKParams, FKSimulator, Grid
+from growth.anisotropic import AnisotropicFKSimulator
+from rtjax.simulate import load_shape_tensor, load_tissue
+
+__all__ = [
+    "BenchmarkRow",
+    "benchmark_solver",
+    "format_table",
+    "brain_tissue_240",
+    "StepRow",
+    "benchmark_anisotropic_step",
+    "format_step_table",
+]
 
 
 @dataclass(frozen=True)
@@ -199,4 +213,107 @@ def format_table(rows: list[BenchmarkRow], device: str) -> str:
                  " (growth.default_substeps); '1 step per iteration' rows show the difference.")
     lines.append("The anisotropic row: full-tensor Selling stencil, smooth fibre field, FA ~0.8;"
                  " compare its JAX column with the isotropic cube's.")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """Isotropic against anisotropic step cost on one grid (voxel-steps per second)."""
+
+    case: str
+    shape: tuple[int, int, int]
+    offsets: int
+    long_pairs_per_voxel: float
+    steps: int
+    iso_rate: float
+    aniso_rate: float
+
+    @property
+    def ratio(self) -> float:
+        """How many times an anisotropic step costs an isotropic one."""
+        return self.iso_rate / self.aniso_rate
+
+
+def _interleaved_rates(runs: dict, voxels: int, steps: int, repeats: int) -> dict:
+    """Best time of each run over `repeats` rounds, the runs alternating (a shared CPU
+    slows them alike), as voxel-steps/s."""
+    for run in runs.values():
+        run()  # compile
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = min(best[name], _time(run))
+    return {name: voxels * steps / seconds for name, seconds in best.items()}
+
+
+def _step_row(case: str, wm, gm, tensor, spacing, steps: int, repeats: int, dw=0.5, rho=0.05) -> StepRow:
+    grid = Grid(wm.shape, spacing)
+    aniso = AnisotropicFKSimulator.create(wm, gm, tensor, grid, dw_max=dw, t_max=0.0)
+    aniso = dataclasses.replace(aniso, max_steps=steps + 1)
+    iso = FKSimulator.create(wm, gm, grid, dw_max=dw, t_max=steps * aniso.dt, dt=aniso.dt)
+    t_final = steps * aniso.dt
+    origin = jnp.asarray(np.asarray(grid.shape, np.float32) * np.asarray(spacing, np.float32) / 2)
+    params = FKParams(dw, rho)
+    runs = {
+        "iso": lambda: iso(params, origin, t_final).block_until_ready(),
+        "aniso": lambda: aniso(params, origin, t_final).block_until_ready(),
+    }
+    rates = _interleaved_rates(runs, wm.size, steps, repeats)
+    return StepRow(case, wm.shape, len(aniso.offsets),
+                   int(aniso.selling.pair_lower.size) / wm.size, steps, rates["iso"], rates["aniso"])
+
+
+def benchmark_anisotropic_step(*, steps: int = 100, repeats: int = 3, quick: bool = False,
+                               tractseg_fa=None, tractseg_peaks=None) -> list[StepRow]:
+    """The anisotropic step (Selling stencil) against the isotropic one, same grid, same
+    step size, measured alternately in one run: a 128^3 cube at 1 mm and the fit working
+    grid (48^3 at 2 mm) with a smooth fibre field (FA ~0.8); with the TractSeg FA and
+    peaks given, also a 48^3 box at 2 mm of the real DTI (tumour tensor, r = 5).
+
+    `quick`: 64^3 instead of 128^3 and 24^3 instead of 48^3.
+    """
+    big, small = (64, 24) if quick else (128, 48)
+    rows = []
+    for n, h, name in ((big, 1.0, f"cube {big}^3, 1 mm"), (small, 2.0, f"fit grid {small}^3, 2 mm")):
+        wm, gm = _smooth_random_tissue((n, n, n))
+        rows.append(_step_row(f"{name}, fibre field", wm, gm, smooth_fibre_field((n, n, n)),
+                              (h, h, h), steps, repeats))
+    if tractseg_fa is not None and tractseg_peaks is not None:
+        wm, gm, tensor = tractseg_box(tractseg_fa, tractseg_peaks, small)
+        rows.append(_step_row(f"fit grid {small}^3, 2 mm, TractSeg r=5", wm, gm, tensor,
+                              (2.0, 2.0, 2.0), steps, repeats))
+    return rows
+
+
+def tractseg_box(fa_path, peaks_path, n: int, anisotropy: float = 5.0):
+    """A cube of n^3 voxels at 2 mm from the middle of the MNI152 atlas: WM/GM
+    block-averaged from 1 mm, and the tumour shape tensor of the TractSeg FA + first peak
+    (resampled onto the atlas, `growth.tumour_tensor`, r = `anisotropy`) averaged alike."""
+    tissue = load_tissue(atlas="mni152")
+    shape = load_shape_tensor(tissue, fa=fa_path, peaks=peaks_path, anisotropy=anisotropy)
+    wm, gm = tissue.wm.data, tissue.gm.data
+    centre = np.asarray(wm.shape) // 2
+    box = tuple(slice(c - n, c + n) for c in centre)
+
+    def coarse(a):
+        a = np.asarray(a, np.float64)[box]
+        return a.reshape(n, 2, n, 2, n, 2).mean(axis=(1, 3, 5))
+
+    tensor = np.stack([coarse(shape.components[k] * wm) for k in range(6)])
+    wm_c, gm_c = coarse(wm), coarse(gm)
+    tensor = np.where(wm_c > 0, tensor / np.maximum(wm_c, 1e-12), np.eye(3)[np.triu_indices(3)][:, None, None, None])
+    return wm_c.astype(np.float32), gm_c.astype(np.float32), tensor.astype(np.float32)
+
+
+def format_step_table(rows: list[StepRow], device: str) -> str:
+    """Isotropic and anisotropic step side by side (M voxel-steps/s) and their ratio."""
+    header = f"Anisotropic vs isotropic FK step on {device} (M voxel-steps/s, same grid and dt)"
+    lines = [header, "-" * len(header),
+             f"{'case':42s} {'offsets':>7s} {'long/vox':>8s} {'iso':>8s} {'aniso':>8s} {'cost ratio':>10s}"]
+    for row in rows:
+        lines.append(f"{row.case:42s} {row.offsets:7d} {row.long_pairs_per_voxel:8.3f} "
+                     f"{row.iso_rate / 1e6:8.1f} {row.aniso_rate / 1e6:8.1f} {row.ratio:10.2f}")
+    lines.append("cost ratio = iso rate / aniso rate (how many isotropic steps one anisotropic step"
+                 " costs); long/vox: longer-offset pairs (sparse list) per voxel. Each pair of runs"
+                 " alternates, best of the repeats.")
     return "\n".join(lines)
