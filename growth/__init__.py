@@ -7,9 +7,13 @@ D in mm^2/day, rho in 1/day, density c in [0, 1].
 """
 
 from growth.anisotropic import (
+    CUBE_OFFSETS,
     AnisotropicFKSimulator,
+    CompactStencilDiffusion,
+    SellingField,
     StencilDiffusion,
     selling_decomposition,
+    selling_field,
     tensor_stencil,
 )
 from growth.diffusion import (
@@ -48,12 +52,18 @@ from growth.tensor import (
     rotate_tensor,
     tensor_from_direction,
     tensor_from_eigen,
+    TumourTensorFamily,
     tumour_tensor,
+    tumour_tensor_family,
     westin_measures,
 )
 
 __all__ = [
     "AnisotropicFKSimulator",
+    "CompactStencilDiffusion",
+    "SellingField",
+    "selling_field",
+    "CUBE_OFFSETS",
     "StencilDiffusion",
     "selling_decomposition",
     "tensor_stencil",
@@ -93,4 +103,6 @@ __all__ = [
     "fit_tensor_dwi",
     "westin_measures",
     "tumour_tensor",
+    "TumourTensorFamily",
+    "tumour_tensor_family",
 ]
