@@ -27,6 +27,16 @@ The tumour tensor is D(x) = Dw [p_wm(x) A(x) + p_gm(x) / ratio I], with A the tr
 white-matter shape tensor from DTI (`growth.tensor.tumour_tensor`). Both parts are
 decomposed separately once (their sum is still a non-negative decomposition), so Dw,
 ratio and rho stay traced, differentiable and vmappable without rebuilding the stencil.
+For a `growth.TumourTensorFamily` (A(r) = a(x, r) A(r_lo) + (1 - a(x, r)) A(r_hi)) both
+ends are decomposed and their weights mixed per solve, so r is traced as well.
+
+Layout (`SellingField`, `CompactStencilDiffusion`). A voxel uses six offsets, but a whole
+field uses dozens (37-125), and a dense row per offset costs about one axis of the
+isotropic operator per step on a CPU. So only the offsets used by many voxels
+(`DENSE_FRACTION`: in practice the 13 directions of the 3x3x3 cube) are dense rows of
+pair weights, stored once per pair; the rare longer offsets are a sparse list of voxel
+pairs (gather + scatter). `StencilDiffusion` is the previous all-dense operator, kept as
+the reference the compact one is tested against.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from growth.diffusion import AbstractDiffusion, harmonic_mean
 from growth.grid import Grid
 from growth.seed import GaussianSeed
 from growth.solver import AbstractFKSimulator, FKParams
-from growth.tensor import TumourTensorFamily
+from growth.tensor import TumourTensorFamily, family_mixing
 
 __all__ = [
     "CUBE_OFFSETS",
@@ -377,7 +387,7 @@ def selling_field(
     Tensors whose eigenvalue ratio exceeds `max_condition` are first limited to it
     (`limit_condition`, trace kept); zero tensors get zero weights. Offsets used by at
     least `dense_fraction` of the voxels (in any field) get dense rows, the others are
-    sparse pairs. `tissue` (default: where any field is non-zero) cuts pairs whose
+    sparse pairs; the three axes are always dense (`math.inf`: only they are). `tissue` (default: where any field is non-zero) cuts pairs whose
     segment leaves it.
     """
     fields = [np.asarray(t, np.float64) for t in tensor_fields]
@@ -594,19 +604,22 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
 
     Attributes:
         selling: Selling weights of p_wm A (one field, or the family's two ends), 1/day
-            per unit Dw (`SellingField`); the axes rows also carry the grey matter.
+            per unit Dw (`SellingField`).
         gm_weights: (3, ...) p_gm / h_k^2 on the axes.
-        family: the family's traces and range (None for a fixed tensor).
+        family_traces: (2, ...) the family's `trace_lo`, `trace_hi` (None for a fixed
+            tensor), for its mixing weight a(x, r).
         tissue: p_wm + p_gm, for masking the seed.
+        anisotropy_range: the family's (r_lo, r_hi) (None for a fixed tensor).
     """
 
     selling: SellingField
     gm_weights: Array
-    family: TumourTensorFamily | None
+    family_traces: Array | None
     tissue: Array
     grid: Grid = eqx.field(static=True)
     dt: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+    anisotropy_range: tuple[float, float] | None = eqx.field(static=True, default=None)
     seed: GaussianSeed = eqx.field(static=True, default=GaussianSeed())
     progress: bool = eqx.field(static=True, default=False)
     substeps: int | None = eqx.field(static=True, default=None)
@@ -659,14 +672,14 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
                                 max_condition=max_condition, dense_fraction=dense_fraction,
                                 dtype=dtype)
         inv_h2 = np.asarray([1.0 / h**2 for h in grid.spacing])
-        if family is not None:
-            family = jax.tree.map(lambda a: jnp.asarray(a, dtype), family)
         sim = cls(
             selling=selling,
             gm_weights=jnp.asarray(gm[None] * inv_h2[:, None, None, None], dtype),
-            family=family,
+            family_traces=None if family is None else jnp.stack(
+                [jnp.asarray(family.trace_lo, dtype), jnp.asarray(family.trace_hi, dtype)]),
             tissue=jnp.asarray(tissue, dtype),
             grid=grid,
+            anisotropy_range=None if family is None else family.anisotropy_range,
             dt=1.0,
             max_steps=1,
             seed=seed,
@@ -698,11 +711,12 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
     def _mixing(self, params: FKParams):
         """Per-field weights (K, *shape) of the white-matter stencil; None: the maximum
         over the fields (the step bound)."""
-        if self.family is None:
+        if self.family_traces is None:
             return jnp.ones((1,) + self.grid.shape, self.dtype)
         if params.anisotropy is None:
             return None
-        a = self.family.mixing(params.anisotropy)
+        a = family_mixing(self.family_traces[0], self.family_traces[1], self.anisotropy_range,
+                          params.anisotropy)
         return jnp.stack([a, 1.0 - a])
 
     def voxel_weights(self, params: FKParams):
@@ -718,7 +732,8 @@ class AnisotropicFKSimulator(AbstractFKSimulator):
             flat = mix.reshape(mix.shape[0], -1)
             lower = jnp.sum(flat[:, field.pair_lower] * field.lambda_lower, axis=0)
             upper = jnp.sum(flat[:, field.pair_upper] * field.lambda_upper, axis=0)
-        dense = dense.at[:3].add(self.gm_weights / params.ratio)
+        # (a concatenation, not .at[:3].add: XLA constant-folds a scatter over all rows)
+        dense = jnp.concatenate([dense[:3] + self.gm_weights / params.ratio, dense[3:]])
         return params.dw * dense, params.dw * lower, params.dw * upper
 
     def diffusion(self, params: FKParams) -> CompactStencilDiffusion:

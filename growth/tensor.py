@@ -44,6 +44,7 @@ __all__ = [
     "tumour_tensor",
     "TumourTensorFamily",
     "tumour_tensor_family",
+    "family_mixing",
 ]
 
 
@@ -479,15 +480,20 @@ class TumourTensorFamily(eqx.Module):
 
     def mixing(self, anisotropy) -> Array:
         """a(x, r), the weight of `lo` (the weight of `hi` is 1 - a); (...)."""
-        r_lo, r_hi = self.anisotropy_range
-        s = (jnp.asarray(anisotropy, self.trace_lo.dtype) - r_lo) / (r_hi - r_lo)
-        low = (1.0 - s) * self.trace_lo
-        return low / (low + s * self.trace_hi)
+        return family_mixing(self.trace_lo, self.trace_hi, self.anisotropy_range, anisotropy)
 
     def __call__(self, anisotropy) -> Array:
         """The shape tensor (6, ...) at anisotropy r."""
         a = self.mixing(anisotropy)
         return a * self.lo + (1.0 - a) * self.hi
+
+
+def family_mixing(trace_lo: Array, trace_hi: Array, anisotropy_range, anisotropy) -> Array:
+    """a(x, r) of `TumourTensorFamily` from its traces and range (see there)."""
+    r_lo, r_hi = anisotropy_range
+    s = (jnp.asarray(anisotropy, trace_lo.dtype) - r_lo) / (r_hi - r_lo)
+    low = (1.0 - s) * trace_lo
+    return low / (low + s * trace_hi)
 
 
 def tumour_tensor_family(

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from growth.anisotropic import DENSE_FRACTION
 from growth.fit import refine
 from growth.tensor import tumour_tensor, tumour_tensor_family
 from rtjax.labels import TumourMasks
@@ -217,7 +218,9 @@ def fit_case(
     origin_work_vox = np.asarray(est.origin_mm) / np.asarray(work_spacing)
     origin_box_vox = origin_work_vox * np.asarray(factors) + (np.asarray(factors) - 1) / 2
     native = Grid(tuple(s.stop - s.start for s in box), tuple(spacing))
-    sim = make_fit_simulator(wm[box], gm[box], native, float(est.sqrt_dw_t), native_tensor)
+    # forward only: the layout that suits a plain solve
+    sim = make_fit_simulator(wm[box], gm[box], native, float(est.sqrt_dw_t), native_tensor,
+                             dense_fraction=DENSE_FRACTION)
     sim = dataclasses.replace(sim, max_steps=max(sim.max_steps, FINAL_MIN_STEPS + 1))
     box_density = simulate_adaptive(sim, est.params(config.ratio),
                                     jnp.asarray(origin_box_vox * spacing), min_steps=FINAL_MIN_STEPS)
