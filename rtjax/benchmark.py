@@ -6,6 +6,8 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -265,7 +267,9 @@ def _interleaved_rates(runs: dict, voxels: int, steps: int, repeats: int) -> dic
 
 
 def _step_row(case: str, wm, gm, tensor, spacing, steps: int, repeats: int, dw=0.5, rho=0.05,
-              dense_fraction: float = DENSE_FRACTION) -> StepRow:
+              dense_fraction: float = DENSE_FRACTION, gradient: bool = False) -> StepRow:
+    """One row; with `gradient`, the rates of a value-and-gradient solve (reverse mode
+    through the steps, as in a fit) instead of a forward one."""
     grid = Grid(wm.shape, spacing)
     aniso = AnisotropicFKSimulator.create(wm, gm, tensor, grid, dw_max=dw, t_max=0.0,
                                           dense_fraction=dense_fraction)
@@ -274,10 +278,16 @@ def _step_row(case: str, wm, gm, tensor, spacing, steps: int, repeats: int, dw=0
     t_final = steps * aniso.dt
     origin = jnp.asarray(np.asarray(grid.shape, np.float32) * np.asarray(spacing, np.float32) / 2)
     params = FKParams(dw, rho)
-    runs = {
-        "iso": lambda: iso(params, origin, t_final).block_until_ready(),
-        "aniso": lambda: aniso(params, origin, t_final).block_until_ready(),
-    }
+    if gradient:
+        theta = jnp.asarray([dw, rho], jnp.float32)
+        runs = {name: (lambda sim=sim: jax.block_until_ready(
+            _soft_mask_loss_and_grad(sim, theta, origin, t_final))) for name, sim in
+            (("iso", iso), ("aniso", aniso))}
+    else:
+        runs = {
+            "iso": lambda: iso(params, origin, t_final).block_until_ready(),
+            "aniso": lambda: aniso(params, origin, t_final).block_until_ready(),
+        }
     rates = _interleaved_rates(runs, wm.size, steps, repeats)
     return StepRow(case, wm.shape, len(aniso.offsets), len(aniso.selling.dense_offsets),
                    int(aniso.selling.pair_lower.size) / wm.size, steps, rates["iso"][0],
@@ -306,7 +316,19 @@ def benchmark_anisotropic_step(*, steps: int = 100, repeats: int = 3, quick: boo
             rows.append(_step_row(f"fit grid {small}^3, 2 mm, TractSeg r=5{layout}", wm, gm,
                                   tensor, (2.0, 2.0, 2.0), steps, repeats,
                                   dense_fraction=fraction))
+        for layout, fraction in (("", DENSE_FRACTION), (", fit layout", FIT_DENSE_FRACTION)):
+            rows.append(_step_row(f"  same, value+grad{layout}", wm, gm, tensor, (2.0, 2.0, 2.0),
+                                  steps, repeats, dense_fraction=fraction, gradient=True))
     return rows
+
+
+@eqx.filter_jit
+def _soft_mask_loss_and_grad(sim, theta, origin, t_final):
+    """value and d/d(Dw, rho) of a smooth function of the density (as a fit's loss)."""
+    def loss(theta):
+        c = sim(FKParams(theta[0], theta[1]), origin, t_final)
+        return jnp.sum(jax.nn.sigmoid((c - 0.2) / 0.01))
+    return jax.value_and_grad(loss)(theta)
 
 
 def tractseg_box(fa_path, peaks_path, n: int, anisotropy: float = 5.0):
@@ -333,16 +355,17 @@ def format_step_table(rows: list[StepRow], device: str) -> str:
     """Isotropic and anisotropic step side by side (M voxel-steps/s) and their ratio."""
     header = f"Anisotropic vs isotropic FK step on {device} (M voxel-steps/s, same grid and dt)"
     lines = [header, "-" * len(header),
-             f"{'case':40s} {'offsets':>7s} {'dense':>5s} {'pairs/vox':>9s} {'iso':>7s} "
+             f"{'case':46s} {'offsets':>7s} {'dense':>5s} {'pairs/vox':>9s} {'iso':>7s} "
              f"{'aniso':>7s} {'ratio':>6s} {'cpu ratio':>9s}"]
     for row in rows:
-        lines.append(f"{row.case:40s} {row.offsets:7d} {row.dense_rows:5d} "
+        lines.append(f"{row.case:46s} {row.offsets:7d} {row.dense_rows:5d} "
                      f"{row.sparse_pairs_per_voxel:9.3f} {row.iso_rate / 1e6:7.1f} "
                      f"{row.aniso_rate / 1e6:7.1f} {row.ratio:6.2f} {row.cpu_ratio:9.2f}")
     lines.append("ratio = iso rate / aniso rate: how many isotropic steps one anisotropic step costs"
                  " (wall clock; cpu ratio: by process CPU time). offsets: stencil offsets in use;"
                  " dense: offsets applied as dense rows; pairs/vox: sparse long-offset pairs per"
-                 " voxel. The two runs alternate; best of the repeats.")
+                 " voxel; value+grad rows: a solve and its gradient (reverse mode), the cost of"
+                 " one fit iteration. The two runs alternate; best of the repeats.")
     return "\n".join(lines)
 
 
