@@ -8,9 +8,13 @@ D in mm^2/day, rho in 1/day, density c in [0, 1].
 """
 
 from growth.anisotropic import (
+    CUBE_OFFSETS,
     AnisotropicFKSimulator,
+    CompactStencilDiffusion,
+    SellingField,
     StencilDiffusion,
     selling_decomposition,
+    selling_field,
     tensor_stencil,
 )
 from growth.diffusion import (
@@ -39,6 +43,7 @@ from growth.solver import (
 )
 from growth.tensor import (
     TENSOR_COMPONENTS,
+    TumourTensorFamily,
     components_to_matrix,
     dti_design_matrix,
     eigh_field,
@@ -50,11 +55,16 @@ from growth.tensor import (
     tensor_from_direction,
     tensor_from_eigen,
     tumour_tensor,
+    tumour_tensor_family,
     westin_measures,
 )
 
 __all__ = [
     "AnisotropicFKSimulator",
+    "CompactStencilDiffusion",
+    "SellingField",
+    "selling_field",
+    "CUBE_OFFSETS",
     "StencilDiffusion",
     "selling_decomposition",
     "tensor_stencil",
@@ -94,4 +104,6 @@ __all__ = [
     "fit_tensor_dwi",
     "westin_measures",
     "tumour_tensor",
+    "TumourTensorFamily",
+    "tumour_tensor_family",
 ]

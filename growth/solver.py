@@ -54,11 +54,15 @@ class FKParams(eqx.Module):
         dw: white-matter diffusivity Dw, mm^2/day.
         rho: proliferation rate, 1/day.
         ratio: Dw / Dg, dimensionless (default 10).
+        anisotropy: the tumour-tensor anisotropy r (dimensionless, >= 1), used only by
+            an `AnisotropicFKSimulator` built from a `TumourTensorFamily` (r traced);
+            other simulators ignore it.
     """
 
     dw: Array
     rho: Array
     ratio: Array = 10.0
+    anisotropy: Array | None = None
 
 
 class FKArgs(eqx.Module):

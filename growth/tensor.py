@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,9 @@ __all__ = [
     "fit_tensor_dwi",
     "westin_measures",
     "tumour_tensor",
+    "TumourTensorFamily",
+    "tumour_tensor_family",
+    "family_mixing",
 ]
 
 
@@ -395,27 +399,119 @@ def tumour_tensor(
     Returns:
         ``(6, ...)`` dimensionless tensor field with trace exactly 3 (to rounding).
     """
+    _check_method(method)
+    _check_anisotropy(anisotropy)
+    vals, vecs, valid = _tumour_eigen(dti_t6, method)
+    mu = _tumour_mu(vals, anisotropy, method)
+    return _normalised_shape(mu, vecs, valid)
+
+
+def _check_method(method: str) -> None:
     if method not in _TUMOUR_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {_TUMOUR_METHODS}")
+
+
+def _check_anisotropy(anisotropy) -> None:
     if isinstance(anisotropy, int | float | np.number) and not anisotropy >= 1.0:
         raise ValueError(f"anisotropy must be >= 1, got {anisotropy}")
+
+
+def _tumour_eigen(dti_t6, method: str):
+    """Eigen-data the tumour tensor is built from: for "scaled" the clipped eigenvalues,
+    for "westin" (c_l, c_p, c_s); the eigenvectors; and the valid-voxel mask."""
+    _check_method(method)
     t6 = _check_t6(dti_t6)
     finite = jnp.all(jnp.isfinite(t6), axis=0)
     t6 = jnp.where(finite, t6, 0.0)
     vals, vecs = eigh_field(t6)
     vals = jnp.maximum(vals, 0.0)
-    trace = jnp.sum(vals, axis=0)
-    valid = finite & (trace > _tiny(t6.dtype) * 1e3)
-    r = jnp.asarray(anisotropy, dtype=t6.dtype)
+    valid = finite & (jnp.sum(vals, axis=0) > _tiny(t6.dtype) * 1e3)
+    if method == "westin":
+        vals = jnp.stack(westin_measures(vals), axis=0)
+    return vals, vecs, valid
+
+
+def _tumour_mu(vals: Array, anisotropy, method: str) -> Array:
+    """The unnormalised eigenvalues mu (3, ...) of the tumour tensor: affine in r."""
+    r = jnp.asarray(anisotropy, dtype=vals.dtype)
     if method == "scaled":
-        mu = jnp.stack([r * vals[0], vals[1], vals[2]], axis=0)
-    else:
-        c_l, c_p, _ = westin_measures(vals)
-        one = jnp.ones_like(c_l)
-        mu = jnp.stack([one + (r - 1.0) * (c_l + c_p), one + (r - 1.0) * c_p, one], axis=0)
+        return jnp.stack([r * vals[0], vals[1], vals[2]], axis=0)
+    c_l, c_p, _ = vals
+    one = jnp.ones_like(c_l)
+    return jnp.stack([one + (r - 1.0) * (c_l + c_p), one + (r - 1.0) * c_p, one], axis=0)
+
+
+def _normalised_shape(mu: Array, vecs: Array, valid: Array) -> Array:
     mu_trace = jnp.sum(mu, axis=0)
     mu = 3.0 * mu / jnp.where(valid, mu_trace, 1.0)
     shape = tensor_from_eigen(mu, vecs)
-    eye = jnp.asarray([1.0, 0.0, 0.0, 1.0, 0.0, 1.0], dtype=t6.dtype)
-    eye = eye.reshape((6,) + (1,) * (t6.ndim - 1))
+    eye = jnp.asarray([1.0, 0.0, 0.0, 1.0, 0.0, 1.0], dtype=mu.dtype)
+    eye = eye.reshape((6,) + (1,) * (mu.ndim - 1))
     return jnp.where(valid, shape, eye)
+
+
+class TumourTensorFamily(eqx.Module):
+    """`tumour_tensor(dti, r)` for every r in [r_lo, r_hi] from two fixed fields.
+
+    Both constructions have eigenvalues mu(r) affine in r on fixed eigenvectors, so the
+    unnormalised tensor is N(r) = (1 - s) N(r_lo) + s N(r_hi), s = (r - r_lo) / (r_hi -
+    r_lo), and the trace-3 shape tensor 3 N(r) / tr N(r) is
+
+        shape(r) = a(x, r) shape(r_lo) + (1 - a(x, r)) shape(r_hi),
+        a(x, r) = (1 - s) t_lo(x) / ((1 - s) t_lo(x) + s t_hi(x)),   t = tr N,
+
+    a non-negative combination of two fixed trace-3 fields for r in the range (trace
+    kept): a solver can decompose `lo` and `hi` once and mix their stencil weights with
+    `mixing(r)`, differentiably in r.
+
+    Attributes:
+        lo, hi: (6, ...) shape tensors at r_lo and r_hi (trace 3).
+        trace_lo, trace_hi: (...) traces of the unnormalised tensors (1 where invalid).
+        anisotropy_range: (r_lo, r_hi), r_lo < r_hi.
+        method: the construction ("scaled" or "westin").
+    """
+
+    lo: Array
+    hi: Array
+    trace_lo: Array
+    trace_hi: Array
+    anisotropy_range: tuple[float, float] = eqx.field(static=True)
+    method: str = eqx.field(static=True)
+
+    def mixing(self, anisotropy) -> Array:
+        """a(x, r), the weight of `lo` (the weight of `hi` is 1 - a); (...)."""
+        return family_mixing(self.trace_lo, self.trace_hi, self.anisotropy_range, anisotropy)
+
+    def __call__(self, anisotropy) -> Array:
+        """The shape tensor (6, ...) at anisotropy r."""
+        a = self.mixing(anisotropy)
+        return a * self.lo + (1.0 - a) * self.hi
+
+
+def family_mixing(trace_lo: Array, trace_hi: Array, anisotropy_range, anisotropy) -> Array:
+    """a(x, r) of `TumourTensorFamily` from its traces and range (see there)."""
+    r_lo, r_hi = anisotropy_range
+    s = (jnp.asarray(anisotropy, trace_lo.dtype) - r_lo) / (r_hi - r_lo)
+    low = (1.0 - s) * trace_lo
+    return low / (low + s * trace_hi)
+
+
+def tumour_tensor_family(
+    dti_t6: Float[Array, "6 *spatial"],
+    anisotropy_range: tuple[float, float],
+    *,
+    method: str = "scaled",
+) -> TumourTensorFamily:
+    """The family of `tumour_tensor(dti_t6, anisotropy=r, method=method)` for r in
+    `anisotropy_range` (1 <= r_lo < r_hi), eigenvectors computed once."""
+    r_lo, r_hi = (float(v) for v in anisotropy_range)
+    _check_method(method)
+    _check_anisotropy(r_lo)
+    if not r_hi > r_lo:
+        raise ValueError(f"anisotropy range must have r_lo < r_hi, got {anisotropy_range}")
+    vals, vecs, valid = _tumour_eigen(dti_t6, method)
+    mus = [_tumour_mu(vals, r, method) for r in (r_lo, r_hi)]
+    traces = [jnp.where(valid, jnp.sum(mu, axis=0), 1.0) for mu in mus]
+    lo, hi = (_normalised_shape(mu, vecs, valid) for mu in mus)
+    return TumourTensorFamily(lo=lo, hi=hi, trace_lo=traces[0], trace_hi=traces[1],
+                              anisotropy_range=(r_lo, r_hi), method=method)

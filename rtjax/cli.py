@@ -370,14 +370,31 @@ def benchmark(
     numpy_steps: Annotated[int, typer.Option("--numpy-steps", help="Time steps per NumPy run.")] = 5,
     batch: Annotated[int, typer.Option("--batch", help="Parameter sets in the vmapped run.")] = 16,
 ) -> None:
-    """Print the FK solver's throughput beside a plain-NumPy version of the same scheme."""
+    """Print the FK solver's throughput beside a plain-NumPy version of the same scheme, and
+    the anisotropic step beside the isotropic one."""
     import jax
 
-    from rtjax.experiments.benchmark import benchmark_solver, format_table
+    from rtjax.data import DataNotFoundError, data_root
+    from rtjax.experiments.benchmark import (
+        benchmark_anisotropic_step,
+        benchmark_solver,
+        format_step_table,
+        format_table,
+    )
 
     rows = benchmark_solver(jax_steps=jax_steps, numpy_steps=numpy_steps, batch=batch, quick=quick)
     device = f"{jax.default_backend()} ({jax.devices()[0].device_kind}, {jax.device_count()} device(s))"
     typer.echo(format_table(rows, device))
+    try:
+        dti = data_root() / "dti" / "tractseg"
+        dti = dti if (dti / "FA.nii.gz").exists() else None
+    except DataNotFoundError:
+        dti = None
+    step_rows = benchmark_anisotropic_step(
+        steps=jax_steps, quick=quick, tractseg_fa=dti and dti / "FA.nii.gz",
+        tractseg_peaks=dti and dti / "peaks.nii.gz")
+    typer.echo("")
+    typer.echo(format_step_table(step_rows, device))
 
 
 @_command()

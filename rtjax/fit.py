@@ -23,6 +23,7 @@ from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
 from growth import Grid, visible_masks
+from growth.anisotropic import DENSE_FRACTION
 from growth.fit import (
     FitBounds,
     FitConfig,
@@ -32,6 +33,7 @@ from growth.fit import (
     refine,
     simulate_adaptive,
 )
+from growth.tensor import tumour_tensor, tumour_tensor_family
 from rtjax.inverse.predict import predict
 from rtjax.io import bounding_box
 from rtjax.labels import TumourMasks
@@ -128,6 +130,9 @@ def fit_case(
     bounds=None,
     assumed_days: float = 365.0,
     progress: bool = False,
+    tensor: np.ndarray | None = None,
+    anisotropy: float | tuple[float, float] = 5.0,
+    tensor_method: str = "scaled",
 ) -> CaseFit:
     """Fit the FK model to a case's masks on its tissue (canonical arrays, spacing in mm).
 
@@ -139,6 +144,15 @@ def fit_case(
             on the working grid.
         assumed_days: only Dw*T and rho*T are identifiable; Dw and rho are also reported
             for this T (days).
+        tensor: optional (6, *grid) diffusion tensor on the same canonical grid
+            (xx, xy, xz, yy, yz, zz in the canonical voxel frame, any unit: only its
+            shape is used; e.g. `rtjax.tensor_io`). The growth is then anisotropic,
+            D = Dw [p_wm A + p_gm / ratio I] with A = `growth.tumour_tensor(tensor, r,
+            tensor_method)`: the isotropic fit (from `initial`) is refined a second time
+            through the anisotropic solver. A ready trace-3 shape tensor is used as it
+            is with anisotropy=1.
+        anisotropy: r, fixed (a number), or (r_lo, r_hi) to fit r in that range.
+        tensor_method: "scaled" or "westin" (`growth.tumour_tensor`).
     """
     start = time.perf_counter()
     config = config or FitConfig()
@@ -171,23 +185,36 @@ def fit_case(
             config = dataclasses.replace(config, prior_weight=0.0)
         else:
             raise ValueError(f"initial must be 'network', 'heuristic' or a FitEstimate, not {initial!r}")
+    bounds = bounds or FitBounds()
     bar = _progress_bar(config, progress)
     result = refine(
         work["core"], work["edema"], work["wm"], work["gm"], grid, initial,
-        config=config, bounds=bounds or FitBounds(),
+        config=config, bounds=bounds,
         callback=None if bar is None else (lambda i, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.4f}")),
     )
     if bar is not None:
         bar.close()
+    anisotropic = {"tensor_given": tensor is not None}
+    native_tensor = None
+    if tensor is not None:
+        result, anisotropic = _anisotropic_refinement(
+            result, initial, work, grid, _check_tensor(tensor, core.shape)[(slice(None), *box)],
+            factors, anisotropy, tensor_method, config, bounds, progress)
+        r = float(result.estimate.anisotropy)
+        native_tensor = np.asarray(tumour_tensor(
+            _check_tensor(tensor, core.shape)[(slice(None), *box)], anisotropy=r,
+            method=tensor_method), np.float32)
     est = result.estimate
     # Working-grid mm -> native box index: block j covers native voxels f*j .. f*j+f-1.
     origin_work_vox = np.asarray(est.origin_mm) / np.asarray(work_spacing)
     origin_box_vox = origin_work_vox * np.asarray(factors) + (np.asarray(factors) - 1) / 2
     native = Grid(tuple(s.stop - s.start for s in box), tuple(spacing))
-    sim = make_fit_simulator(wm[box], gm[box], native, float(est.sqrt_dw_t))
+    # forward only: the layout that suits a plain solve
+    sim = make_fit_simulator(wm[box], gm[box], native, float(est.sqrt_dw_t), native_tensor,
+                             dense_fraction=DENSE_FRACTION)
     sim = dataclasses.replace(sim, max_steps=max(sim.max_steps, FINAL_MIN_STEPS + 1))
-    box_density = simulate_adaptive(sim, est.params(), jnp.asarray(origin_box_vox * spacing),
-                                    min_steps=FINAL_MIN_STEPS)
+    box_density = simulate_adaptive(sim, est.params(config.ratio),
+                                    jnp.asarray(origin_box_vox * spacing), min_steps=FINAL_MIN_STEPS)
     density = np.zeros(core.shape, np.float32)
     density[box] = np.asarray(box_density, np.float32)
     sim_core, sim_edema = (np.asarray(m) for m in visible_masks(density, est.u_t1, est.u_fl))
@@ -230,9 +257,64 @@ def fit_case(
         "fit_box": [[s.start, s.stop] for s in box],
         "lesion_voxels_filled_with_tissue": filled,
         "density_at_box_edge": edge,
+        "anisotropic": anisotropic,
         "seconds": round(time.perf_counter() - start, 2),
     }
     return CaseFit(density=density, info=info, loss_curve=result.loss_curve)
+
+
+def _check_tensor(tensor, shape) -> np.ndarray:
+    tensor = np.asarray(tensor, np.float32)
+    if tensor.shape != (6, *shape):
+        raise ValueError(f"tensor has shape {tensor.shape}, expected (6, *{tuple(shape)}) on the case grid")
+    if not np.isfinite(tensor).all():
+        raise ValueError("tensor has non-finite values")
+    return tensor
+
+
+def _anisotropic_refinement(iso_result, initial, work, grid, box_tensor, factors, anisotropy,
+                            method, config, bounds, progress):
+    """Refine the isotropic fit again through the anisotropic solver on the working grid;
+    returns that result and the record of the anisotropy for params.json."""
+    work_tensor = np.stack([block_average(t, factors) for t in box_tensor])
+    fitted = not np.isscalar(anisotropy)
+    if fitted:
+        r_range = tuple(float(v) for v in anisotropy)
+        shape = tumour_tensor_family(work_tensor, r_range, method=method)
+        start = iso_result.estimate.with_anisotropy(None)
+        stage_config = config
+        bounds = dataclasses.replace(bounds, anisotropy=r_range)
+    else:
+        r_range = None
+        shape = np.asarray(tumour_tensor(work_tensor, anisotropy=float(anisotropy), method=method))
+        start = iso_result.estimate.with_anisotropy(float(anisotropy))
+        stage_config = dataclasses.replace(config, fit_anisotropy=False)
+    bar = _progress_bar(config, progress)
+    result = refine(
+        work["core"], work["edema"], work["wm"], work["gm"], grid, start,
+        config=stage_config, bounds=bounds, prior_centre=initial.with_anisotropy(
+            None if fitted else float(anisotropy)), shape_tensor=shape,
+        callback=None if bar is None else (lambda i, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.4f}")),
+    )
+    if bar is not None:
+        bar.close()
+    record = {
+        "tensor_given": True,
+        "tensor_method": method,
+        "anisotropy": float(result.estimate.anisotropy),
+        "anisotropy_fitted": fitted,
+        "anisotropy_bounds": list(r_range) if fitted else None,
+        "stencil_offsets": result.details["stencil_offsets"],
+        "isotropic_stage": {
+            "estimate": iso_result.estimate.as_dict(),
+            "final_loss": iso_result.best_loss,
+            "iterations": len(iso_result.loss_curve),
+            "dice_core_working_grid": iso_result.dice_core,
+            "dice_edema_working_grid": iso_result.dice_edema,
+            "seconds": round(iso_result.seconds, 2),
+        },
+    }
+    return result, record
 
 
 def _box_edge_max(density: np.ndarray, box, shape) -> float:

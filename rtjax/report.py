@@ -45,8 +45,8 @@ import numpy as np
 
 from rtjax.errors import InputError
 from rtjax.io import bounding_box
-from rtjax.provenance import write_text_atomic
 from rtjax.plotting import headless_pyplot, save_figure
+from rtjax.provenance import write_text_atomic
 
 __all__ = [
     "BACKGROUND_NAMES",

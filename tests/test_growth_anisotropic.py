@@ -1,12 +1,28 @@
 """The anisotropic (full-tensor) FK solver against analytic results and the isotropic one."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from growth import FKParams, FKSimulator, GaussianSeed, Grid
-from growth.anisotropic import AnisotropicFKSimulator, selling_decomposition, tensor_stencil
+from growth import (
+    FKParams,
+    FKSimulator,
+    GaussianSeed,
+    Grid,
+    tensor_from_direction,
+    tumour_tensor,
+    tumour_tensor_family,
+)
+from growth.anisotropic import (
+    AnisotropicFKSimulator,
+    StencilDiffusion,
+    line_of_sight,
+    selling_decomposition,
+    tensor_stencil,
+)
 
 
 def _components(matrices: np.ndarray) -> np.ndarray:
@@ -144,16 +160,20 @@ def test_permuting_axes_of_tensor_and_seed_permutes_the_solution():
     np.testing.assert_allclose(np.transpose(np.asarray(c), perm), np.asarray(pc), atol=1e-6)
 
 
-def test_thin_barriers_are_not_jumped_by_long_offsets():
+@pytest.mark.parametrize("dense_fraction", [0.0, 1.1])  # long offsets as dense rows / as pairs
+def test_thin_barriers_are_not_jumped_by_long_offsets(dense_fraction):
     grid = Grid((24, 24, 6), (1.0, 1.0, 1.0))
     wm = np.ones(grid.shape, np.float32)
     wm[12] = 0.0  # a one-voxel CSF sheet
     direction = np.array([1.0, 0.5, 0.0]) / np.linalg.norm([1.0, 0.5, 0.0])
     matrix = 0.05 * np.eye(3) + 2.85 * np.outer(direction, direction)
     sim = AnisotropicFKSimulator.create(
-        wm, 0 * wm, _uniform(matrix, grid.shape), grid, dw_max=1.0, t_max=60.0
+        wm, 0 * wm, _uniform(matrix, grid.shape), grid, dw_max=1.0, t_max=60.0,
+        dense_fraction=dense_fraction,
     )
     assert max(max(abs(v) for v in e) for e in sim.offsets) >= 2  # long offsets in use
+    longest = max(max(abs(v) for v in e) for e in sim.selling.dense_offsets)
+    assert (longest >= 2) == (dense_fraction == 0.0)
     c = np.asarray(sim(FKParams(1.0, 0.2, 10.0), jnp.array([6.0, 12.0, 3.0]), 60.0))
     assert c[:12].max() > 0.5
     assert np.all(c[12:] == 0.0)
@@ -188,3 +208,92 @@ def test_stencil_weights_rebuild_the_tensor_in_voxel_units():
     rebuilt = np.einsum("i,ia,ib->ab", weights, offsets, offsets)
     h = np.diag(grid.spacing)
     np.testing.assert_allclose(h @ rebuilt @ h, matrix, rtol=1e-6, atol=1e-7)
+
+
+def _reference_operator(wm, gm, field, grid, params):
+    """The previous dense operator: every offset of the field as a full row at x and x+e."""
+    stencil = tensor_stencil(field * wm[None], grid.spacing)
+    weights = np.asarray(stencil.weights, np.float64).copy()
+    inv_h2 = 1.0 / np.asarray(grid.spacing) ** 2
+    weights[:3] += gm[None] / params.ratio * inv_h2[:, None, None, None]
+    sight = line_of_sight(wm + gm, stencil.offsets)
+    return StencilDiffusion.from_voxel_weights(jnp.asarray(params.dw * weights, jnp.float32),
+                                               stencil.offsets, tuple(jnp.asarray(m) for m in sight))
+
+
+@pytest.mark.parametrize("dense_fraction", [0.05, math.inf])  # default; the fit layout
+def test_compact_operator_equals_the_dense_one_on_random_fields(dense_fraction):
+    grid = Grid((13, 12, 11), (1.0, 1.3, 0.8))
+    wm, gm = _tissue(grid, seed=8)
+    field = _anisotropic_field(grid, np.random.default_rng(9), (1.0, 0.06, 0.05))
+    params = FKParams(0.7, 0.0, 4.0)
+    sim = AnisotropicFKSimulator.create(wm, gm, field, grid, dw_max=1.0, t_max=1.0,
+                                        dense_fraction=dense_fraction)
+    compact = sim.diffusion(params)
+    reference = _reference_operator(wm, gm, field, grid, params)
+    # (the reference also carries offsets no pair of voxels shares: all-zero rows)
+    assert set(sim.offsets) <= set(reference.offsets)
+    assert any(max(abs(v) for v in e) >= 2 for e in sim.offsets)
+    assert compact.pair_weight.size > 0
+    if dense_fraction > 1:
+        assert len(compact.offsets) == 3
+    c = jnp.asarray(np.random.default_rng(10).uniform(size=grid.shape), jnp.float32)
+    scale = float(jnp.abs(reference(c)).max())
+    np.testing.assert_allclose(np.asarray(compact(c)), np.asarray(reference(c)), atol=2e-6 * scale)
+    np.testing.assert_allclose(np.asarray(compact.outflow_rate()),
+                               np.asarray(reference.outflow_rate()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["scaled", "westin"])
+def test_tensor_family_reproduces_the_tumour_tensor_over_its_range(method):
+    rng = np.random.default_rng(11)
+    dti = _anisotropic_field(Grid((5, 4, 3)), rng, (1.0, 0.5, 0.2)) * 1e-3
+    dti[:, 0, 0, 0] = 0.0  # background: identity
+    family = tumour_tensor_family(dti, (1.5, 7.0), method=method)
+    for r in (1.5, 2.2, 4.0, 7.0):
+        np.testing.assert_allclose(np.asarray(family(r)),
+                                   np.asarray(tumour_tensor(dti, anisotropy=r, method=method)),
+                                   atol=2e-6)
+        a = np.asarray(family.mixing(r))
+        assert np.all((a >= -1e-6) & (a <= 1 + 1e-6))
+    with pytest.raises(ValueError, match="r_lo < r_hi"):
+        tumour_tensor_family(dti, (3.0, 3.0))
+
+
+def test_family_stencil_rebuilds_the_tensor_at_every_anisotropy():
+    """The mixed Selling weights of a family reproduce wm * A(r) exactly (voxel units)."""
+    grid = Grid((6, 5, 4), (1.0, 2.0, 1.5))
+    rng = np.random.default_rng(12)
+    wm = rng.uniform(0.2, 1.0, grid.shape).astype(np.float32)
+    direction = rng.normal(size=(3, *grid.shape))
+    dti = tensor_from_direction(jnp.full(grid.shape, 0.5), jnp.asarray(direction))
+    family = tumour_tensor_family(dti, (1.0, 4.0))
+    sim = AnisotropicFKSimulator.create(wm, 0 * wm, family, grid, dw_max=1.0, t_max=1.0,
+                                        dense_fraction=0.0)
+    offsets = np.array(sim.selling.dense_offsets, float)
+    h = np.diag(grid.spacing)
+    for r in (1.0, 2.5, 4.0):
+        dense, _, _ = sim.voxel_weights(FKParams(1.0, 0.0, 10.0, anisotropy=r))
+        rebuilt = np.einsum("e...,ea,eb->...ab", np.asarray(dense, np.float64), offsets, offsets)
+        shape = np.asarray(family(r), np.float64) * wm[None]
+        expected = np.stack([shape[[0, 1, 2]], shape[[1, 3, 4]], shape[[2, 4, 5]]], -1)
+        expected = np.moveaxis(expected, 0, -2)
+        np.testing.assert_allclose(h @ rebuilt @ h, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_long_offset_rows_equal_the_dense_operator_across_a_csf_sheet():
+    grid = Grid((14, 13, 5), (1.0, 1.0, 1.2))
+    wm = np.full(grid.shape, 0.9, np.float32)
+    wm[7] = 0.0  # one-voxel CSF sheet: long pairs across it are cut by line of sight
+    gm = np.where(wm > 0, 0.05, 0.0).astype(np.float32)
+    direction = np.array([1.0, 0.45, 0.1]) / np.linalg.norm([1.0, 0.45, 0.1])
+    field = _uniform(0.05 * np.eye(3) + 2.85 * np.outer(direction, direction), grid.shape)
+    params = FKParams(0.5, 0.0, 10.0)
+    sim = AnisotropicFKSimulator.create(wm, gm, field, grid, dw_max=1.0, t_max=1.0,
+                                        dense_fraction=0.0)
+    compact = sim.diffusion(params)
+    assert compact.pair_weight.size == 0 and max(max(map(abs, e)) for e in compact.offsets) >= 2
+    reference = _reference_operator(wm, gm, field, grid, params)
+    c = jnp.asarray(np.random.default_rng(13).uniform(size=grid.shape), jnp.float32)
+    scale = float(jnp.abs(reference(c)).max())
+    np.testing.assert_allclose(np.asarray(compact(c)), np.asarray(reference(c)), atol=2e-6 * scale)

@@ -1,8 +1,6 @@
 """NIfTI I/O: geometry round trips, validation errors that name the file, atomic writes,
 case-folder discovery, and the real data in ../shared/data."""
 
-import gzip
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -551,7 +549,7 @@ def test_real_atlas_probability_maps(data_dir):
 
 
 def test_resample_image_goes_through_world_coordinates():
-    from rtjax.io import Image, resample_image
+    from rtjax.io import resample_image
 
     rng = np.random.default_rng(0)
     data = rng.uniform(size=(6, 7, 8)).astype(np.float32)
