@@ -57,12 +57,20 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import binary_fill_holes, gaussian_filter
 
+from growth.tensor import TENSOR_COMPONENTS
 from rtjax.atlas import load_atlas
 from rtjax.ctv import euclidean_distance
 from rtjax.errors import InputError
 from rtjax.io import Image, check_same_grid, load_case, load_image, save_image
 from rtjax.plotting import headless_pyplot
 from rtjax.provenance import atomic_write, run_metadata, write_json_atomic
+from rtjax.tensor_io import (
+    load_tensor_fa_peaks,
+    load_tensor_fsl,
+    reorient_tensor,
+    resample_tensor,
+    save_tensor_fsl,
+)
 
 __all__ = [
     "FOREGROUND_FLOOR",
@@ -98,8 +106,10 @@ OUTLINE_SMOOTHING_MM = 2.0
 # A skull-stripped image's foreground covers at most this fraction of its grid.
 _STRIPPED_MAX_FRACTION = 0.6
 # Bumped whenever the method changes, so that older caches are not reused.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 _OUTPUTS = ("wm.nii.gz", "gm.nii.gz", "csf.nii.gz", "brain_mask.nii.gz", "tissue.png")
+#: The population DTI on the case grid (FSL six volumes), with an atlas DTI.
+DTI_OUTPUT = "dti_atlas.nii.gz"
 _LPS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -229,7 +239,8 @@ def register_atlas(
         resolution_mm: isotropic grid (mm) on which both images are registered; None:
             their own grids. The maps are always warped onto the target's own grid.
         atlas: "t1", "wm", "gm", "csf", "brain" images (default: the MNI152 atlas,
-            :meth:`rtjax.atlas.Atlas.images`).
+            :meth:`rtjax.atlas.Atlas.images`); every image but "t1" is warped (e.g. the
+            components of a population DTI, :func:`atlas_dti_images`).
         outline: ``target`` is a brain mask: register the atlas "brain" to it, both
             :func:`outline_intensity`, with mean squares instead of mutual information.
     """
@@ -266,9 +277,9 @@ def register_atlas(
         transforms = result["fwdtransforms"]
         maps = {
             name: ants.apply_transforms(
-                grid, to_ants(atlas[name].data, atlas[name].affine), transforms
+                grid, to_ants(image.data, image.affine), transforms
             ).numpy().astype(np.float32)
-            for name in ("wm", "gm", "csf", "brain")
+            for name, image in atlas.items() if name != "t1"
         }
         affine_ras = ants_affine_to_ras(next(t for t in transforms if t.endswith(".mat")))
     info = {
@@ -280,6 +291,26 @@ def register_atlas(
                     "resample": round(time.perf_counter() - registered, 2)},
     }
     return AtlasRegistration(maps=maps, affine_ras=affine_ras, info=info)
+
+
+# --------------------------------------------------------------------------- atlas DTI
+
+
+def atlas_dti_images(fa, peaks, atlas_t1: Image) -> dict[str, Image]:
+    """A population DTI (FA + first fibre peak, MNI152 world frame, e.g. TractSeg's) on the
+    atlas grid, as six component images ``dti_xx`` ... ``dti_zz`` (the atlas's canonical
+    voxel frame) for :func:`register_atlas` to warp."""
+    dti, source = load_tensor_fa_peaks(fa, peaks)
+    on_atlas = resample_tensor(dti, source, atlas_t1)
+    return {f"dti_{c}": atlas_t1.with_data(on_atlas[k]) for k, c in enumerate(TENSOR_COMPONENTS)}
+
+
+def registered_tensor(reg: AtlasRegistration, target: Image, atlas_t1: Image) -> np.ndarray:
+    """The warped DTI components of ``reg`` as a tensor field (6, *target grid) in the
+    target's canonical voxel frame: rotated by the affine stage (the local rotations of
+    the deformable stage are not applied)."""
+    t6 = np.stack([reg.maps[f"dti_{c}"] for c in TENSOR_COMPONENTS])
+    return reorient_tensor(t6, atlas_t1.affine, target.affine, np.linalg.inv(reg.affine_ras[:3, :3]))
 
 
 # --------------------------------------------------------------------------- tissue
@@ -341,6 +372,8 @@ class CaseTissue:
 
     Attributes:
         info: provenance, as written to ``tissue.json``.
+        dti: with an atlas DTI, its tensor field (6, *grid) carried to the case by the
+            atlas registration (canonical voxel frame), else None.
     """
 
     wm: Image
@@ -348,6 +381,7 @@ class CaseTissue:
     csf: Image
     brain: Image
     info: dict[str, Any] = field(default_factory=dict)
+    dti: np.ndarray | None = None
 
 
 def _stat(path: Path | None) -> list | None:
@@ -375,14 +409,19 @@ def _cached(folder: Path, key: dict, reference: Image) -> CaseTissue | None:
         maps = {n: load_image(folder / f"{n}.nii.gz", kind="probability") for n in ("wm", "gm", "csf")}
         brain = load_image(folder / "brain_mask.nii.gz", kind="mask")
         check_same_grid({"reference": reference, **maps, "brain": brain})
+        dti = None
+        if key.get("atlas_dti"):
+            dti, dti_ref = load_tensor_fsl(folder / DTI_OUTPUT)
+            check_same_grid({"reference": reference, "dti": dti_ref})
     except InputError:
         return None
-    return CaseTissue(**maps, brain=brain, info=info)
+    return CaseTissue(**maps, brain=brain, info=info, dti=dti)
 
 
 def _copy_cache(source: Path, dest: Path) -> None:
     """Copy a cached result into ``dest``, tissue.json (the completion marker) last."""
-    for name in (*_OUTPUTS, "tissue.json"):
+    extra = (DTI_OUTPUT,) if (source / DTI_OUTPUT).is_file() else ()
+    for name in (*_OUTPUTS, *extra, "tissue.json"):
         atomic_write(dest / name, lambda tmp, name=name: shutil.copy2(source / name, tmp))
 
 
@@ -423,6 +462,7 @@ def case_tissue(
     deformable: bool = True,
     resolution_mm: float | None = 2.0,
     reuse_dirs: Sequence[str | Path] = (),
+    atlas_dti: tuple[str | Path, str | Path] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CaseTissue:
     """Tissue maps for one case folder, written to ``out_dir`` (see the module docstring).
@@ -433,7 +473,10 @@ def case_tissue(
     with a warning, its ``brain_mask`` by the outline only, see :func:`target_image`), with
     ``lesion`` (canonical boolean array; default: the non-zero voxels of the case's
     ``seg``) masked out of the cost. A valid earlier result in ``out_dir`` or in one of
-    ``reuse_dirs`` (copied into ``out_dir``) is reused.
+    ``reuse_dirs`` (copied into ``out_dir``) is reused. With ``atlas_dti`` (FA, PEAKS of a
+    population DTI in the MNI152 frame) the DTI is carried to the case by the same
+    registration (a registration of its own when the case has its own tissue maps) and
+    written as ``dti_atlas.nii.gz`` (:func:`registered_tensor`).
 
     Raises:
         InputError: a bad or missing file, a tissue map off the images' grid, only one of
@@ -464,6 +507,7 @@ def case_tissue(
         "resolution_mm": resolution_mm, "lesion_sha1": _digest(lesion),
         "inputs": {n: _stat(img.path) for n, img in images.items()
                    if n in ("t1", "t1c", "wm", "gm", "csf", "brain_mask")},
+        "atlas_dti": None if atlas_dti is None else [_stat(Path(f)) for f in atlas_dti],
     }
     for folder in (out_dir, *map(Path, reuse_dirs)):
         cached = _cached(folder, key, reference)
@@ -475,6 +519,9 @@ def case_tissue(
     loaded = time.perf_counter()
     if own:
         tissue, info = _own_tissue(images, reference)
+        if atlas_dti is not None:
+            tissue["dti"], info["dti_atlas"] = _own_tissue_atlas_dti(
+                case_dir, images, reference, lesion, atlas_dti, deformable, resolution_mm, log)
     else:
         outline = target == "brain_mask"
         if outline:
@@ -489,12 +536,17 @@ def case_tissue(
                   f"({'affine, then SyN' if deformable else 'affine only'}, "
                   f"{resolution_mm or 'native'} mm){'' if lesion is not None else ', no tumour mask'}")
         cost = None if lesion is None else tumour_cost_mask(lesion, reference.spacing)
+        atlas = load_atlas()
+        dti_images = {} if atlas_dti is None else atlas_dti_images(*atlas_dti, atlas.t1)
         reg = register_atlas(reference, cost_mask=cost, deformable=deformable,
-                             resolution_mm=resolution_mm, outline=outline)
+                             resolution_mm=resolution_mm, outline=outline,
+                             atlas={**atlas.images(), **dti_images})
         _say(log, "renormalising and clipping the warped maps to the brain mask")
         brain, brain_from = case_brain_mask(images, fallback=reg.maps["brain"] > 0.5)
         wm, gm, csf = normalise_tissue(reg.maps["wm"], reg.maps["gm"], reg.maps["csf"], brain)
         tissue = {"wm": wm, "gm": gm, "csf": csf, "brain": brain}
+        if atlas_dti is not None:
+            tissue["dti"] = registered_tensor(reg, reference, atlas.t1)
         info = {
             "source": "atlas", "atlas": "ICBM152 2009a symmetric (nilearn), csf = brain * "
             "(1 - wm - gm), brain = template > 0", "registered_to": str(images[target].path),
@@ -502,6 +554,8 @@ def case_tissue(
             **reg.info, "affine_case_to_atlas_ras": np.round(reg.affine_ras, 6).tolist(),
             "brain_mask": brain_from,
         }
+        if atlas_dti is not None:
+            info["dti_atlas"] = _dti_record(atlas_dti, "the tissue registration")
         info["seconds"] = {"load": round(loaded - start, 2), **info["seconds"]}
     info.update({"tumour_masked": lesion is not None and not own,
                  "tumour_mask": "not used (the case's own maps)" if own else lesion_source,
@@ -511,6 +565,31 @@ def case_tissue(
     result.info["seconds"]["total"] = round(time.perf_counter() - start, 2)
     write_json_atomic(out_dir / "tissue.json", result.info)
     return result
+
+
+def _dti_record(atlas_dti, how: str) -> dict:
+    return {"fa": str(Path(atlas_dti[0]).absolute()), "peaks": str(Path(atlas_dti[1]).absolute()),
+            "frame": "MNI152 world (peaks), resampled onto the atlas grid",
+            "carried_by": how, "rotation": "the affine stage's (deformable stage: positions only)",
+            "file": DTI_OUTPUT}
+
+
+def _own_tissue_atlas_dti(case_dir, images, reference, lesion, atlas_dti, deformable,
+                          resolution_mm, log):
+    """A case with its own tissue maps and an atlas DTI: register the atlas to the case's
+    t1 / t1c / brain_mask for the DTI alone. Returns (tensor, record)."""
+    target = target_image(images)
+    if target is None:
+        raise InputError(case_dir, "--dti-atlas: no t1, t1c or brain_mask to register the "
+                         "atlas DTI to")
+    _say(log, f"registering the MNI152 atlas to {images[target].path.name} for the atlas DTI")
+    atlas = load_atlas()
+    cost = None if lesion is None else tumour_cost_mask(lesion, reference.spacing)
+    reg = register_atlas(images[target], cost_mask=cost, deformable=deformable,
+                         resolution_mm=resolution_mm, outline=target == "brain_mask",
+                         atlas={"t1": atlas.t1, "brain": atlas.brain,
+                                **atlas_dti_images(*atlas_dti, atlas.t1)})
+    return registered_tensor(reg, reference, atlas.t1), _dti_record(atlas_dti, f"a registration to {target}")
 
 
 def target_image(images: Mapping[str, Image]) -> str | None:
@@ -546,13 +625,15 @@ def _write(tissue: dict, reference: Image, images: Mapping[str, Image], out_dir:
     for name in ("wm", "gm", "csf"):
         save_image(tissue[name], reference, out_dir / f"{name}.nii.gz", kind="float")
     save_image(tissue["brain"], reference, out_dir / "brain_mask.nii.gz", kind="mask")
+    if tissue.get("dti") is not None:
+        save_tensor_fsl(tissue["dti"], reference, out_dir / DTI_OUTPUT)
     background = next((images[n].data for n in ("t1", "t1c", "flair", "t2") if n in images),
                       tissue["wm"] + 0.5 * tissue["gm"])
     save_tissue_figure(background, tissue["wm"], tissue["gm"], tissue["csf"],
                        out_dir / "tissue.png", title=f"tissue: {info['source']}")
     info["seconds"]["write"] = round(time.perf_counter() - begin, 2)
-    wrap = {k: reference.with_data(v) for k, v in tissue.items()}
-    return CaseTissue(**wrap, info=info)
+    wrap = {k: reference.with_data(v) for k, v in tissue.items() if k != "dti"}
+    return CaseTissue(**wrap, info=info, dti=tissue.get("dti"))
 
 
 def save_tissue_figure(

@@ -50,12 +50,14 @@ def _is_pair(arg: str) -> bool:
 
 
 #: Options that take several values after one flag, and what such a value looks like.
-_MULTI_VALUE = {"--cutoff": _is_number, "--series": _is_pair, "--names": _is_pair}
+_MULTI_VALUE = {"--cutoff": _is_number, "--series": _is_pair, "--names": _is_pair,
+                "--anisotropy": _is_number, "--dti-atlas": lambda arg: not arg.startswith("-")}
 
 
 def expand_multi_values(args: list[str]) -> list[str]:
     """``--cutoff 0.01 0.1`` -> ``--cutoff 0.01 --cutoff 0.1`` (the same for ``--series`` and
-    ``--names`` pairs); everything after ``--`` is left alone."""
+    ``--names`` pairs, ``--anisotropy R_LO R_HI`` and ``--dti-atlas FA PEAKS``); everything
+    after ``--`` is left alone."""
     out, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -164,10 +166,15 @@ _FILE_HELP = {
     "recurrence": "Recurrence mask (coverage).", "wm": "White-matter probability map.",
     "gm": "Grey-matter probability map.", "csf": "CSF probability map.",
     "edema": "Edema mask as a separate file (TUM/Lipkova FLAIR masks).",
+    "tensor": "DTI tensor, six volumes in FSL order (Dxx Dxy Dxz Dyy Dyz Dzz): the fit grows "
+              "along its fibres.",
+    "fa": "FA map of the DTI (with --peaks): the fit grows along the fibres.",
+    "peaks": "Fibre peaks (MRtrix/TractSeg; with --fa); the first peak is used.",
 }
 _NAMES_HELP = ("ROLE=PATTERN: the file of a role found by a glob pattern in each case folder, "
                "e.g. --names seg=segm.nii.gz brain_mask=brainMask* (repeatable; roles: t1c, "
-               "flair, t1, t2, seg, wm, gm, csf, brain_mask, recurrence, edema).")
+               "flair, t1, t2, seg, wm, gm, csf, brain_mask, tensor, fa, peaks, recurrence, "
+               "edema).")
 
 def _file_option(role: str):
     flag = "--" + role.replace("_", "-")
@@ -176,8 +183,7 @@ def _file_option(role: str):
 
 
 def _overrides(**files) -> dict[str, Path]:
-    """The role -> file mapping of the file options given (the lead's --tensor/--fa/--peaks
-    join here)."""
+    """The role -> file mapping of the file options given."""
     return {role: path for role, path in files.items() if path is not None}
 
 
@@ -197,27 +203,40 @@ def fit(
     gm: _file_option("gm") = None,
     csf: _file_option("csf") = None,
     edema: _file_option("edema") = None,
+    tensor: _file_option("tensor") = None,
+    fa: _file_option("fa") = None,
+    peaks: _file_option("peaks") = None,
     names: Annotated[Optional[list[str]], typer.Option("--names", help=_NAMES_HELP)] = None,
     start: Annotated[str, typer.Option("--start", help="Starting estimate: network or heuristic.")] = "network",
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Inverse-network weights folder (default: shipped).")] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Refinement iterations at most.")] = 150,
+    tensor_frame: _FRAME_OPT = None,
+    anisotropy: _ANISOTROPY_OPT = None,
+    tensor_method: _METHOD_OPT = None,
+    dti_atlas: _DTI_ATLAS_OPT = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Fit the growth model to a case: inverse network, then gradient refinement through the
     solver; writes density.nii.gz and params.json (with the fit quality) on the input grid.
     A case without seg is segmented from t1c + flair, one without wm/gm gets the atlas
-    registered (tissue/)."""
+    registered (tissue/); with DTI (--tensor, --fa/--peaks, --dti-atlas) the growth is
+    anisotropic along the fibres."""
     from growth.fit import FitConfig
     from rtjax.pipeline.case import fit_case_dir
     from rtjax.pipeline.options import RunOptions, parse_names
 
     options = RunOptions(labels=labels, ignore_labels=tuple(ignore_labels or ()), start=start,
-                         iterations=iterations, names=parse_names(names))
+                         iterations=iterations, names=parse_names(names), tensor_frame=tensor_frame,
+                         anisotropy=tuple(anisotropy or (5.0,)), tensor_method=tensor_method or "scaled",
+                         dti_atlas=None if dti_atlas is None else tuple(str(p) for p in dti_atlas))
     overrides = _overrides(t1c=t1c, flair=flair, t1=t1, seg=seg, brain_mask=brain_mask,
-                           recurrence=recurrence, wm=wm, gm=gm, csf=csf, edema=edema)
+                           recurrence=recurrence, wm=wm, gm=gm, csf=csf, edema=edema,
+                           tensor=tensor, fa=fa, peaks=peaks)
     result, paths = fit_case_dir(
         case_dir, out, labels=options.labels, ignore_labels=options.ignore_labels,
         overrides=overrides, names=options.names, initial=options.start, weights=weights,
+        tensor_frame=options.tensor_frame, anisotropy=options.anisotropy,
+        tensor_method=options.tensor_method, dti_atlas=options.dti_atlas,
         progress=progress, config=FitConfig(max_iterations=options.iterations),
     )
     info = result.info
@@ -239,8 +258,29 @@ _RUN_HELP = {
               "e.g. --cutoff 0.01 0.1 (at most 4).",
     "rtstruct": "Also write rtstruct.dcm, a DICOM RT Structure Set for a planning system.",
     "config": "YAML mapping of these option names (labels, ignore_labels, margin_mm, start, "
-              "iterations, cutoffs, rtstruct, names); command-line values win.",
+              "iterations, cutoffs, rtstruct, names, tensor_frame, anisotropy, tensor_method, "
+              "dti_atlas); command-line values win.",
+    "tensor_frame": "Frame of the DTI files' components: fsl, voxel or world [default: fsl "
+                    "for a tensor, world for peaks].",
+    "anisotropy": "Anisotropy r of the tumour tensor with DTI: R (fixed) or R_LO R_HI (fitted "
+                  "in that range), 1..25 [default: 5].",
+    "tensor_method": "Tumour tensor construction: scaled or westin [default: scaled].",
+    "dti_atlas": "FA PEAKS of a population DTI in the MNI152 frame (e.g. TractSeg's) for a "
+                 "case without DTI: carried to it by the atlas registration.",
 }
+
+
+def _dti_options():
+    """The DTI options shared by fit, run and cohort (annotations)."""
+    return (
+        Annotated[Optional[str], typer.Option("--tensor-frame", help=_RUN_HELP["tensor_frame"])],
+        Annotated[Optional[list[float]], typer.Option("--anisotropy", help=_RUN_HELP["anisotropy"])],
+        Annotated[Optional[str], typer.Option("--tensor-method", help=_RUN_HELP["tensor_method"])],
+        Annotated[Optional[list[Path]], typer.Option("--dti-atlas", help=_RUN_HELP["dti_atlas"])],
+    )
+
+
+_FRAME_OPT, _ANISOTROPY_OPT, _METHOD_OPT, _DTI_ATLAS_OPT = _dti_options()
 
 
 def _run_options(config, **given):
@@ -253,7 +293,9 @@ def _run_options(config, **given):
     return {"labels": options["labels"], "ignore_labels": tuple(options["ignore_labels"]),
             "margin_mm": options["margin_mm"], "initial": options["start"],
             "fit_iterations": options["iterations"], "cutoffs": tuple(options["cutoffs"]),
-            "rtstruct": options["rtstruct"], "names": options["names"]}
+            "rtstruct": options["rtstruct"], "names": options["names"],
+            "tensor_frame": options["tensor_frame"], "anisotropy": tuple(options["anisotropy"]),
+            "tensor_method": options["tensor_method"], "dti_atlas": options["dti_atlas"]}
 
 
 def _echo_case(summary, out: Path) -> None:
@@ -289,6 +331,9 @@ def run(
     gm: _file_option("gm") = None,
     csf: _file_option("csf") = None,
     edema: _file_option("edema") = None,
+    tensor: _file_option("tensor") = None,
+    fa: _file_option("fa") = None,
+    peaks: _file_option("peaks") = None,
     names: Annotated[Optional[list[str]], typer.Option("--names", help=_NAMES_HELP)] = None,
     series: Annotated[Optional[list[str]], typer.Option("--series", help="ROLE=SeriesInstanceUID: pick each role's DICOM series from the files under the case folder, e.g. --series t1c=1.2.3 flair=1.2.4.")] = None,
     margin_mm: Annotated[Optional[float], typer.Option("--margin-mm", help=_RUN_HELP["margin_mm"])] = None,
@@ -296,6 +341,10 @@ def run(
     rtstruct: Annotated[Optional[bool], typer.Option("--rtstruct/--no-rtstruct", help=_RUN_HELP["rtstruct"], show_default=False)] = None,
     start: Annotated[Optional[str], typer.Option("--start", help=_RUN_HELP["start"])] = None,
     iterations: Annotated[Optional[int], typer.Option("--iterations", help=_RUN_HELP["iterations"])] = None,
+    tensor_frame: _FRAME_OPT = None,
+    anisotropy: _ANISOTROPY_OPT = None,
+    tensor_method: _METHOD_OPT = None,
+    dti_atlas: _DTI_ATLAS_OPT = None,
     config: Annotated[Optional[Path], typer.Option("--config", help=_RUN_HELP["config"])] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier rtjax output in --out.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
@@ -309,9 +358,13 @@ def run(
 
     options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
                            margin_mm=margin_mm, start=start, iterations=iterations,
-                           cutoffs=cutoff, rtstruct=rtstruct, names=names)
+                           cutoffs=cutoff, rtstruct=rtstruct, names=names,
+                           tensor_frame=tensor_frame, anisotropy=anisotropy,
+                           tensor_method=tensor_method,
+                           dti_atlas=None if dti_atlas is None else [str(p) for p in dti_atlas])
     overrides = _overrides(t1c=t1c, flair=flair, t1=t1, seg=seg, brain_mask=brain_mask,
-                           recurrence=recurrence, wm=wm, gm=gm, csf=csf, edema=edema)
+                           recurrence=recurrence, wm=wm, gm=gm, csf=csf, edema=edema,
+                           tensor=tensor, fa=fa, peaks=peaks)
     summary = run_case(case_dir, out, overrides=overrides, series=parse_series(series),
                        overwrite=overwrite, progress=progress, **options)
     _echo_case(summary, out)
@@ -329,6 +382,10 @@ def cohort(
     rtstruct: Annotated[Optional[bool], typer.Option("--rtstruct/--no-rtstruct", help=_RUN_HELP["rtstruct"], show_default=False)] = None,
     start: Annotated[Optional[str], typer.Option("--start", help=_RUN_HELP["start"])] = None,
     iterations: Annotated[Optional[int], typer.Option("--iterations", help=_RUN_HELP["iterations"])] = None,
+    tensor_frame: _FRAME_OPT = None,
+    anisotropy: _ANISOTROPY_OPT = None,
+    tensor_method: _METHOD_OPT = None,
+    dti_atlas: _DTI_ATLAS_OPT = None,
     config: Annotated[Optional[Path], typer.Option("--config", help=_RUN_HELP["config"])] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: run only cases i (sorted, 0-based) with i % N == K-1, e.g. one cluster array job per shard.")] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="Only 1: JAX already uses every core; parallelise with one process per --shard.")] = 1,
@@ -344,7 +401,10 @@ def cohort(
 
     options = _run_options(config, labels=labels, ignore_labels=ignore_labels,
                            margin_mm=margin_mm, start=start, iterations=iterations,
-                           cutoffs=cutoff, rtstruct=rtstruct, names=names)
+                           cutoffs=cutoff, rtstruct=rtstruct, names=names,
+                           tensor_frame=tensor_frame, anisotropy=anisotropy,
+                           tensor_method=tensor_method,
+                           dti_atlas=None if dti_atlas is None else [str(p) for p in dti_atlas])
     parse_shard(shard)
     result = run_cohort(cohort_dir, out, shard=shard, jobs=jobs, progress=progress,
                         overwrite=overwrite, **options)

@@ -31,6 +31,8 @@ __all__ = [
     "bounding_box",
     "resample_image",
     "CANONICAL_NAMES",
+    "DTI_NAMES",
+    "header_shape",
     "LOAD_KINDS",
     "SAVE_KINDS",
     "Case",
@@ -476,8 +478,13 @@ CANONICAL_NAMES = (
     "csf",
     "brain_mask",
     "tensor",
+    "fa",
+    "peaks",
     "recurrence",
 )
+
+#: The DTI roles: read by `rtjax.tensor_io` onto the case grid, never by `load_case`.
+DTI_NAMES = ("tensor", "fa", "peaks")
 
 # Suffixes of the file stem (before .nii[.gz]) in BraTS 2017-2021 and BraTS 2023 naming.
 _BRATS2021 = {"t1c": "_t1ce", "flair": "_flair", "t1": "_t1", "t2": "_t2", "seg": "_seg"}
@@ -594,7 +601,7 @@ def load_case(
 ) -> Case:
     """Find, load and cross-check the images of one case folder.
 
-    Loads every file found (except ``tensor``), or only ``names`` that are found, plus the
+    Loads every file found (except the DTI files, :data:`DTI_NAMES`), or only ``names`` that are found, plus the
     ``require``d ones, which must exist. Kinds: t1c/flair/t1/t2 intensity, seg label,
     wm/gm/csf probability, brain_mask/recurrence mask. All loaded images must share one
     grid (:func:`check_same_grid`). ``Case.files`` lists every file found.
@@ -606,10 +613,10 @@ def load_case(
     """
     names = None if names is None else list(names)
     _check_names([*(names or ()), *require], "modality name(s)")
-    if names is not None and "tensor" in names:
+    if names is not None and set(names) & set(DTI_NAMES):
         raise ValueError(
-            "load_case does not load 'tensor': a DTI tensor is 4-D and is read by rtjax's "
-            "tensor support; use Case.files['tensor']"
+            f"load_case does not load {sorted(set(names) & set(DTI_NAMES))}: DTI is read by "
+            "rtjax.tensor_io onto the case grid; use Case.files"
         )
     case_dir = Path(case_dir)
     files = find_case_files(case_dir, overrides)
@@ -618,7 +625,7 @@ def load_case(
         problems = (f"missing required modality {n!r} (looked for {_patterns(n)})" for n in missing)
         raise InputError(case_dir, "; ".join(problems))
     wanted = list(files) if names is None else [*names, *require]
-    to_load = [n for n in CANONICAL_NAMES if n in wanted and n in files and n != "tensor"]
+    to_load = [n for n in CANONICAL_NAMES if n in wanted and n in files and n not in DTI_NAMES]
     images = {n: load_image(files[n], kind=_KIND_OF[n]) for n in to_load}
     check_same_grid(images)
     return Case(path=case_dir, images=images, files=files)
@@ -662,6 +669,15 @@ class _HeaderGrid:
     path: Path
     original_shape: tuple[int, int, int]
     original_affine: np.ndarray
+
+
+def header_shape(path: PathLike) -> tuple[int, ...]:
+    """The array shape a NIfTI file's header declares (no voxel data is read).
+
+    Raises:
+        InputError: a missing or unreadable file.
+    """
+    return tuple(int(n) for n in _open_nifti(Path(path)).shape)
 
 
 def check_files_on_one_grid(files: Mapping[str, PathLike], *, atol_mm: float = 1e-3) -> None:

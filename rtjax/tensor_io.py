@@ -69,6 +69,7 @@ __all__ = [
     "read_bvals_bvecs",
     "load_dwi",
     "resample_tensor",
+    "reorient_tensor",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -660,3 +661,20 @@ def resample_tensor(
     n2 /= np.linalg.norm(n2, axis=-1, keepdims=True)
     n3 = np.cross(n1, n2)
     return _from_eigen(vals, np.stack([n1, n2, n3], axis=-1)).astype(np.float32)
+
+
+def reorient_tensor(
+    t6: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray, linear: np.ndarray | None = None
+) -> np.ndarray:
+    """Re-express a tensor field already sampled on the target grid (e.g. warped component
+    by component) from the source's canonical voxel frame in the target's.
+
+    The component map is F = R_t^T L R_s (R the :func:`voxel_frame` of each affine, L the
+    linear part of the source-world -> target-world map, default identity); the tensors
+    become Q T Q^T with Q = F when F is orthogonal, else the rotation of its polar
+    decomposition (finite strain). Returns float32 ``(6, ...)``.
+    """
+    linear = np.eye(3) if linear is None else np.asarray(linear, np.float64)
+    f = voxel_frame(target_affine).T @ linear @ voxel_frame(source_affine)
+    q = f if np.allclose(f @ f.T, np.eye(3), atol=1e-6) else _polar_rotation(f)
+    return _rotate6(np.asarray(t6, np.float64), q).astype(np.float32)

@@ -62,6 +62,7 @@ import numpy as np
 from scipy.ndimage import binary_fill_holes
 
 from growth.fit import FitConfig
+from rtjax.anatomy import target_image
 from rtjax.config import to_dict
 from rtjax.ctv import isovolumetric_cutoff, standard_ctv
 from rtjax.dicom import DICOM_DIR, convert_case_dicom, has_dicom_series
@@ -69,7 +70,13 @@ from rtjax.errors import InputError
 from rtjax.fit import CaseFit, fit_case
 from rtjax.io import save_image
 from rtjax.labels import TumourMasks, combine_labels
-from rtjax.pipeline.inputs import case_overrides, check_case_inputs, load_run_inputs, load_segmented_case
+from rtjax.pipeline.inputs import (
+    case_overrides,
+    check_case_inputs,
+    load_case_dti,
+    load_run_inputs,
+    load_segmented_case,
+)
 from rtjax.pipeline.options import RunOptions
 from rtjax.pipeline.outdir import DONE, OutputLock, check_out_dir, commit, fresh_partial
 from rtjax.pipeline.quality import QualityWarning, assess_quality, segmentation_uncertainty
@@ -252,6 +259,30 @@ def _check_rtstruct_source(case_dir, files, dicom: bool) -> None:
                          "to write the MR series the structure set refers to")
 
 
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _dti_fit_options(tensor, options: RunOptions) -> dict:
+    """`fit_case` keywords of the anisotropic fit (none without a tensor): r fixed, or a
+    (r_lo, r_hi) range to fit."""
+    if tensor is None:
+        return {}
+    r = options.anisotropy
+    return {"tensor": tensor, "anisotropy": r[0] if len(r) == 1 else tuple(r),
+            "tensor_method": options.tensor_method}
+
+
+def _check_dti_atlas_target(case_dir, files, options: RunOptions) -> None:
+    """An atlas DTI is carried by a registration: the case needs a t1, t1c or brain_mask
+    (unless it has DTI of its own, which then wins)."""
+    if options.dti_atlas is None or any(n in files for n in ("tensor", "fa", "peaks")):
+        return
+    if target_image(files) is None:
+        raise InputError(case_dir, "--dti-atlas: no t1, t1c or brain_mask to register the "
+                         "atlas (and its DTI) to")
+
+
 def run_case(
     case_dir,
     out_dir,
@@ -267,6 +298,10 @@ def run_case(
     overwrite: bool = False,
     initial: str = "network",
     fit_iterations: int = 150,
+    tensor_frame: str | None = None,
+    anisotropy: float | Sequence[float] = 5.0,
+    tensor_method: str = "scaled",
+    dti_atlas: Sequence[str | Path] | None = None,
     weights=None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -289,7 +324,16 @@ def run_case(
         overwrite: replace an earlier rtjax output in ``out_dir`` (else it is refused).
         initial: fit start, "network" or "heuristic".
         fit_iterations: refinement iterations at most.
+        tensor_frame: frame of the case's DTI files ("fsl", "voxel", "world"; default
+            "fsl" for a ``tensor``, "world" for ``fa`` + ``peaks``).
+        anisotropy: r of the tumour tensor: a number (fixed) or (r_lo, r_hi) (fitted).
+        tensor_method: "scaled" or "westin" (`growth.tumour_tensor`).
+        dti_atlas: (FA, PEAKS) of a population DTI in the MNI152 frame for a case without
+            its own DTI, carried to it by the atlas registration.
         weights: inverse-network weights folder (default: shipped).
+
+    A case with DTI (its ``tensor``, or ``fa`` + ``peaks``, or ``dti_atlas``) is fitted
+    with the anisotropic growth model along its fibres (`rtjax.fit.fit_case`).
 
     Returns:
         The case summary (also ``done.json``): volumes (mL), cutoffs, fit quality, fitted
@@ -303,7 +347,10 @@ def run_case(
     """
     options = RunOptions(labels=labels, ignore_labels=tuple(ignore_labels), margin_mm=margin_mm,
                          start=initial, iterations=fit_iterations, cutoffs=tuple(cutoffs),
-                         rtstruct=bool(rtstruct), names=dict(names or {}))
+                         rtstruct=bool(rtstruct), names=dict(names or {}),
+                         tensor_frame=tensor_frame, anisotropy=_as_tuple(anisotropy),
+                         tensor_method=tensor_method,
+                         dti_atlas=None if dti_atlas is None else tuple(str(p) for p in dti_atlas))
     case_dir, out_dir = Path(case_dir), Path(out_dir)
     given = case_overrides(case_dir, overrides, options.names)
     dicom = bool(series) or has_dicom_series(case_dir)
@@ -312,6 +359,7 @@ def run_case(
         files = check_case_inputs(case_dir, given, segment_missing=True, atlas_tissue=True)
         if options.rtstruct:
             _check_rtstruct_source(case_dir, files, dicom)
+        _check_dti_atlas_target(case_dir, files, options)
     with OutputLock(out_dir), _collected_warnings() as seen:
         partial = fresh_partial(out_dir)
         try:
@@ -337,13 +385,15 @@ def _run(case_dir, out_dir, partial, options: RunOptions, given, series, dicom, 
             _check_rtstruct_source(case_dir, files, dicom)
     files, convention, masks, images = load_run_inputs(
         case_dir, options.labels, options.ignore_labels, given,
-        atlas_tissue_dirs=(partial / "tissue", out_dir / "tissue"))
+        atlas_tissue_dirs=(partial / "tissue", out_dir / "tissue"), atlas_dti=options.dti_atlas)
     reference = images["seg"]
     spacing = reference.spacing
     mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
+    tensor, dti = load_case_dti(files, reference, masks.whole, frame=options.tensor_frame)
     config = FitConfig(max_iterations=options.iterations)
     fit = fit_case(masks, images["wm"].data, images["gm"].data, spacing, initial=options.start,
-                   weights=weights, config=config, progress=progress)
+                   weights=weights, config=config, progress=progress, **_dti_fit_options(tensor, options))
+    fit.info["dti"] = dti
     brain, inside, standard, cutoff, model, by_cutoff = _target_volumes(
         masks, images, fit.density, spacing, options.margin_mm, options.cutoffs)
     coverage = _coverage(case_id, images, masks, brain, inside, spacing, mm3,
@@ -361,6 +411,9 @@ def _run(case_dir, out_dir, partial, options: RunOptions, given, series, dicom, 
                    "margin_mm": options.margin_mm, "start": options.start,
                    "iterations": options.iterations, "cutoffs": list(options.cutoffs),
                    "rtstruct": options.rtstruct, "names": dict(options.names),
+                   "tensor_frame": options.tensor_frame, "anisotropy": list(options.anisotropy),
+                   "tensor_method": options.tensor_method,
+                   "dti_atlas": None if options.dti_atlas is None else list(options.dti_atlas),
                    "series": dict(series or {}),
                    "weights": None if weights is None else str(Path(weights).absolute())}
     provenance = {"case": case_id, "inputs": _inputs_record(files, partial, out_dir),
@@ -410,23 +463,38 @@ def fit_case_dir(
     overrides=None,
     names=None,
     initial="network",
+    tensor_frame: str | None = None,
+    anisotropy: float | Sequence[float] = 5.0,
+    tensor_method: str = "scaled",
+    dti_atlas: Sequence[str | Path] | None = None,
     progress: bool = True,
     **fit_options,
 ):
     """Fit one case folder (its `seg`, `wm`, `gm`; `overrides` names other files, `names`
     glob patterns, and an `edema` override gives the edema as a separate mask, as in
     TUM/Lipkova data) and write `density.nii.gz` and `params.json` (with the fit quality,
-    :mod:`rtjax.pipeline.quality`) into `out_dir`; returns (CaseFit, paths).
+    :mod:`rtjax.pipeline.quality`) into `out_dir`; returns (CaseFit, paths). With DTI
+    (the case's `tensor` or `fa` + `peaks`, or `dti_atlas`) the fit is anisotropic
+    (options as in :func:`run_case`).
     """
+    options = RunOptions(labels=labels, start=initial, tensor_frame=tensor_frame,
+                         anisotropy=_as_tuple(anisotropy), tensor_method=tensor_method,
+                         dti_atlas=None if dti_atlas is None else tuple(str(p) for p in dti_atlas))
     given = case_overrides(case_dir, overrides, names)
+    files = check_case_inputs(case_dir, given, extras=(), segment_missing=True, atlas_tissue=True)
+    _check_dti_atlas_target(case_dir, files, options)
     files, convention, masks, images = load_segmented_case(
         case_dir, labels=labels, ignore_labels=ignore_labels, overrides=given, extras=(),
-        atlas_tissue_dirs=(Path(out_dir) / "tissue",), segment_missing=True)
+        atlas_tissue_dirs=(Path(out_dir) / "tissue",), segment_missing=True,
+        atlas_dti=options.dti_atlas)
     reference = images["seg"]
     if masks.is_empty():
         raise InputError(files["seg"], "empty tumour: no core and no edema voxels to fit")
+    tensor, dti = load_case_dti(files, reference, masks.whole, frame=options.tensor_frame)
     result = fit_case(masks, images["wm"].data, images["gm"].data, reference.spacing,
-                      initial=initial, progress=progress, **fit_options)
+                      initial=initial, progress=progress, **_dti_fit_options(tensor, options),
+                      **fit_options)
+    result.info["dti"] = dti
     index = np.asarray(result.info["origin_canonical_voxel"], float)
     world = reference.voxel_to_world(index)
     file_vox = np.linalg.solve(reference.original_affine, np.append(world, 1.0))[:3]

@@ -18,15 +18,28 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from rtjax.anatomy import case_tissue, target_image
+from rtjax.anatomy import DTI_OUTPUT, case_tissue, target_image
 from rtjax.errors import InputError
-from rtjax.io import check_files_on_one_grid, check_same_grid, find_case_files, load_image, load_tumour_masks
+from rtjax.io import (
+    check_files_on_one_grid,
+    check_same_grid,
+    find_case_files,
+    header_shape,
+    load_image,
+    load_tumour_masks,
+)
 from rtjax.labels import TumourMasks, get_convention, split_labels
 from rtjax.seg.infer import load_weights as load_seg_weights
 from rtjax.seg.infer import segment_case
+from rtjax.tensor_io import load_tensor_fa_peaks, load_tensor_fsl, resample_tensor
 
-__all__ = ["CASE_KINDS", "case_overrides", "check_case_inputs", "load_segmented_case",
-           "resolve_names", "segment_with_network", "load_run_inputs"]
+__all__ = ["CASE_KINDS", "DTI_MIN_COVERAGE", "case_overrides", "check_case_inputs", "check_dti_files",
+           "load_case_dti", "load_segmented_case", "resolve_names", "segment_with_network",
+           "load_run_inputs"]
+
+#: The DTI must cover at least this fraction of the visible tumour (else it is on another
+#: grid or in another space).
+DTI_MIN_COVERAGE = 0.5
 
 #: How each optional file of a segmented case is read.
 CASE_KINDS = {"wm": "probability", "gm": "probability", "brain_mask": "mask",
@@ -130,7 +143,70 @@ def check_case_inputs(case_dir, overrides=None, *, extras=tuple(CASE_KINDS),
                          "the MNI152 atlas to; give wm and gm, or a t1c or brain_mask")
     check_files_on_one_grid({n: files[n] for n in _needed(
         files, extras=extras, segment_missing=segment_missing, atlas_tissue=atlas_tissue)})
+    check_dti_files(files)
     return files
+
+
+def check_dti_files(files: Mapping[str, Path]) -> None:
+    """From the headers: a `tensor` has six volumes; `fa` (3-D) and `peaks` (4-D, 3k
+    volumes) come together. The DTI may be on its own grid (it is resampled).
+
+    Raises:
+        InputError: naming the file.
+    """
+    if "tensor" in files:
+        shape = header_shape(files["tensor"])
+        if len(shape) != 4 or shape[3] != 6:
+            raise InputError(files["tensor"], f"a DTI tensor has six volumes (FSL order Dxx, Dxy, "
+                             f"Dxz, Dyy, Dyz, Dzz); this file has shape {shape}")
+    if ("fa" in files) != ("peaks" in files):
+        have, lack = ("fa", "peaks") if "fa" in files else ("peaks", "fa")
+        raise InputError(files[have], f"{have} without {lack}: give both --fa and --peaks")
+    if "fa" in files:
+        if len(header_shape(files["fa"])) != 3:
+            raise InputError(files["fa"], f"FA must be 3-D, got shape {header_shape(files['fa'])}")
+        shape = header_shape(files["peaks"])
+        if len(shape) != 4 or shape[3] % 3:
+            raise InputError(files["peaks"], f"fibre peaks are 4-D with 3k volumes (k peaks x "
+                             f"(x, y, z)); this file has shape {shape}")
+
+
+def load_case_dti(files: Mapping[str, Path], reference, lesion, *, frame: str | None = None):
+    """The case's DTI on its grid: its `tensor` (FSL six volumes), else `fa` + `peaks`,
+    else the atlas DTI carried by the registration (`dti_atlas`), resampled onto
+    ``reference``'s grid with the tensors rotated (`rtjax.tensor_io.resample_tensor`).
+
+    Returns:
+        (tensor (6, *grid) float32 in the canonical voxel frame, or None without DTI;
+        the record for params.json: source files, frame, coverage of the tumour).
+
+    Raises:
+        InputError: unreadable, non-finite, not positive semi-definite, or not covering
+            the tumour (another grid or space), naming the file.
+    """
+    if "tensor" in files:
+        frame = frame or "fsl"
+        t6, source = load_tensor_fsl(files["tensor"], frame=frame)
+        record, where = {"tensor": str(files["tensor"])}, files["tensor"]
+    elif "fa" in files:
+        frame = frame or "world"
+        t6, source = load_tensor_fa_peaks(files["fa"], files["peaks"], frame=frame)
+        record, where = {"fa": str(files["fa"]), "peaks": str(files["peaks"])}, files["peaks"]
+    elif "dti_atlas" in files:
+        frame = "fsl"
+        t6, source = load_tensor_fsl(files["dti_atlas"])
+        record, where = {"atlas_dti": str(files["dti_atlas"])}, files["dti_atlas"]
+    else:
+        return None, {"tensor_given": False}
+    on_case = resample_tensor(t6, source, reference)
+    present = (on_case[0] + on_case[3] + on_case[5]) > 0
+    covered = float(present[lesion].mean()) if lesion.any() else 1.0
+    if covered < DTI_MIN_COVERAGE:
+        raise InputError(where, f"the DTI covers {covered:.0%} of the tumour: is it on another "
+                         "grid or in another space than the case (world coordinates differ)?")
+    record.update({"tensor_given": True, "frame": frame, "tumour_coverage": round(covered, 4),
+                   "resampled_from_shape": list(source.shape)})
+    return on_case, record
 
 
 def segment_with_network(case_dir, overrides, uncertainty: bool = False):
@@ -164,6 +240,7 @@ def _separate_edema(case_dir, edema_path, masks: TumourMasks):
 def load_segmented_case(
     case_dir, *, labels: str, ignore_labels=(), overrides=None, extras=tuple(CASE_KINDS),
     atlas_tissue_dirs=(), segment_missing: bool = False, seg_uncertainty: bool = False,
+    atlas_dti=None,
 ):
     """Load a case folder that has `seg`, `wm` and `gm` (and those of `extras` among
     brain_mask, recurrence, t1c, flair that it has), all validated on one grid
@@ -178,6 +255,8 @@ def load_segmented_case(
     with a warning; its masks are then on the T1c grid (the T1c, loaded once, is also
     `images["t1c"]`), `files["seg"]` reads "rtjax.seg <weights version>" and, with
     `seg_uncertainty`, `images["seg_uncertainty"]` holds the network's uncertainty.
+    With `atlas_dti` (FA, PEAKS in the MNI152 frame) and no DTI of its own, the case gets
+    the population DTI carried by the atlas registration: `files["dti_atlas"]`.
 
     Returns (files, convention, masks, images), images keyed by name with "seg" the
     reference grid.
@@ -205,23 +284,34 @@ def load_segmented_case(
                    if n in files and n in wanted and n not in images})
     if "edema" in files:
         images["edema"], files["edema"], masks = _separate_edema(case_dir, files["edema"], masks)
-    if "wm" not in files:
+    own_dti = any(n in files for n in ("tensor", "fa", "peaks"))
+    atlas_dti = None if own_dti else atlas_dti
+    if "wm" not in files or atlas_dti is not None:
+        if not atlas_tissue_dirs:
+            raise InputError(case_dir, "an atlas DTI needs a folder for the registration's outputs")
         tissue = case_tissue(case_dir, atlas_tissue_dirs[0], lesion=masks.whole,
-                             overrides=overrides, reuse_dirs=atlas_tissue_dirs[1:])
+                             overrides=overrides, reuse_dirs=atlas_tissue_dirs[1:],
+                             atlas_dti=atlas_dti)
         files["tissue"] = Path(Path(atlas_tissue_dirs[0]).name, "tissue.json")
-        warnings.warn(f"{case_dir}: no wm/gm maps; using the MNI152 atlas registered to the "
-                      f"case ({tissue.info['method']}), see {files['tissue']}", stacklevel=2)
-        images.update(wm=tissue.wm, gm=tissue.gm)
+        if "wm" not in files:
+            warnings.warn(f"{case_dir}: no wm/gm maps; using the MNI152 atlas registered to the "
+                          f"case ({tissue.info['method']}), see {files['tissue']}", stacklevel=2)
+            images.update(wm=tissue.wm, gm=tissue.gm)
+        if atlas_dti is not None:
+            files["dti_atlas"] = Path(atlas_tissue_dirs[0]) / DTI_OUTPUT
+            warnings.warn(f"{case_dir}: no DTI of its own; using the population DTI "
+                          f"{Path(atlas_dti[1]).name} carried by the atlas registration", stacklevel=2)
     check_same_grid(images)
     return files, convention, masks, images
 
 
-def load_run_inputs(case_dir, labels, ignore_labels, overrides, atlas_tissue_dirs=()):
+def load_run_inputs(case_dir, labels, ignore_labels, overrides, atlas_tissue_dirs=(), atlas_dti=None):
     """`load_segmented_case` for `rtjax run` (segmenting a case without seg, with the
     network's uncertainty), requiring a tumour core: the standard CTV grows from it."""
     files, convention, masks, images = load_segmented_case(
         case_dir, labels=labels, ignore_labels=ignore_labels, overrides=overrides,
-        atlas_tissue_dirs=atlas_tissue_dirs, segment_missing=True, seg_uncertainty=True)
+        atlas_tissue_dirs=atlas_tissue_dirs, segment_missing=True, seg_uncertainty=True,
+        atlas_dti=atlas_dti)
     if not masks.core.any():
         raise InputError(files["seg"], "no tumour core (necrosis or enhancing voxels): the "
                          "standard CTV grows from the core")

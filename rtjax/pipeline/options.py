@@ -14,16 +14,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from rtjax.config import ConfigError, read_yaml, to_dict
 from rtjax.io import CANONICAL_NAMES
 from rtjax.labels import CONVENTIONS
+from rtjax.tensor_io import FRAMES
 
 __all__ = [
     "MAX_CUTOFFS",
+    "MAX_ANISOTROPY",
     "MAX_MARGIN_MM",
+    "TENSOR_METHODS",
     "NAME_ROLES",
     "OptionsError",
     "RunOptions",
@@ -39,7 +42,11 @@ MAX_MARGIN_MM = 50.0
 #: At most this many cutoff CTVs (the report tells six CTVs apart: standard, model, these).
 MAX_CUTOFFS = 4
 #: Roles a ``--names`` pattern may name: the case files of `rtjax.io` and a separate edema.
-NAME_ROLES = tuple(n for n in CANONICAL_NAMES if n != "tensor") + ("edema",)
+NAME_ROLES = tuple(CANONICAL_NAMES) + ("edema",)
+#: The anisotropy r of the tumour tensor: at least 1 (isotropic), at most this.
+MAX_ANISOTROPY = 25.0
+#: Tumour tensor constructions (`growth.tumour_tensor`).
+TENSOR_METHODS = ("scaled", "westin")
 
 
 class OptionsError(ValueError):
@@ -107,6 +114,35 @@ def _check_cutoffs(values) -> tuple[tuple[float, ...], list[str]]:
     return unique, problems
 
 
+def _check_dti(frame, anisotropy, method, dti_atlas) -> tuple[tuple, tuple | None, list[str]]:
+    """The DTI options: the frame of the files, r (one value fixed, two a fitted range),
+    the tumour tensor construction and the population DTI (FA, PEAKS files)."""
+    problems = []
+    if frame is not None and frame not in FRAMES:
+        problems.append(f"--tensor-frame {frame!r}: choose one of {', '.join(FRAMES)}")
+    values = tuple(anisotropy) if isinstance(anisotropy, (list, tuple)) else (anisotropy,)
+    numbers = [_number(v, float) for v in values]
+    if not 1 <= len(values) <= 2 or any(n is None or not 1.0 <= n <= MAX_ANISOTROPY for n in numbers):
+        problems.append(f"--anisotropy {' '.join(map(str, values))}: give r (fixed) or R_LO R_HI "
+                        f"(fitted in that range), each from 1 to {MAX_ANISOTROPY:g}")
+    elif len(numbers) == 2 and not numbers[0] < numbers[1]:
+        problems.append(f"--anisotropy {numbers[0]:g} {numbers[1]:g}: the fitted range needs "
+                        "R_LO < R_HI")
+    if method not in TENSOR_METHODS:
+        problems.append(f"--tensor-method {method!r}: choose one of {', '.join(TENSOR_METHODS)}")
+    atlas = None
+    if dti_atlas is not None:
+        paths = tuple(str(v) for v in dti_atlas) if isinstance(dti_atlas, (list, tuple)) else ()
+        if len(paths) != 2:
+            problems.append(f"--dti-atlas {dti_atlas!r}: give two files, FA PEAKS (MNI152 frame)")
+        else:
+            missing = [p for p in paths if not Path(p).is_file()]
+            if missing:
+                problems.append(f"--dti-atlas: file(s) not found: {', '.join(missing)}")
+            atlas = tuple(str(Path(p).absolute()) for p in paths)
+    return tuple(n for n in numbers if n is not None), atlas, problems
+
+
 def _check_names(names) -> tuple[dict[str, str], list[str]]:
     if names is None:
         return {}, []
@@ -148,6 +184,13 @@ class RunOptions:
         names: role -> file name or glob pattern inside each case folder (e.g.
             ``{"seg": "segm.nii.gz", "brain_mask": "brainMask*"}``) for data with its own
             file names.
+        tensor_frame: the frame of the DTI files' components ("fsl", "voxel", "world";
+            `rtjax.tensor_io`); None: "fsl" for a tensor, "world" for peaks.
+        anisotropy: r of the tumour tensor when the case has DTI: (r,) fixed, or
+            (r_lo, r_hi) fitted in that range; 1 <= r <= MAX_ANISOTROPY.
+        tensor_method: the tumour tensor construction, "scaled" or "westin".
+        dti_atlas: (FA, PEAKS) files of a population DTI in the MNI152 frame, carried to a
+            case without its own DTI by the atlas registration; None: no atlas DTI.
 
     Raises:
         OptionsError: one line per bad option, each naming it as on the command line.
@@ -161,6 +204,10 @@ class RunOptions:
     cutoffs: tuple[float, ...] = ()
     rtstruct: bool = False
     names: dict[str, str] = field(default_factory=dict)
+    tensor_frame: str | None = None
+    anisotropy: tuple[float, ...] = (5.0,)
+    tensor_method: str = "scaled"
+    dti_atlas: tuple[str, ...] | None = None
 
     def __post_init__(self):
         problems = _check_labels(self.labels)
@@ -182,10 +229,14 @@ class RunOptions:
             problems.append(f"--rtstruct: expected true or false, got {self.rtstruct!r}")
         names, bad = _check_names(self.names)
         problems += bad
+        anisotropy, dti_atlas, bad = _check_dti(self.tensor_frame, self.anisotropy,
+                                                self.tensor_method, self.dti_atlas)
+        problems += bad
         if problems:
             raise OptionsError(problems)
         for name, value in (("ignore_labels", ignore), ("margin_mm", margin),
-                            ("iterations", iterations), ("cutoffs", cutoffs), ("names", names)):
+                            ("iterations", iterations), ("cutoffs", cutoffs), ("names", names),
+                            ("anisotropy", anisotropy), ("dti_atlas", dti_atlas)):
             object.__setattr__(self, name, value)
 
 
