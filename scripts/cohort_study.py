@@ -4,12 +4,13 @@ the recurrence by the standard, model and oracle CTVs at equal volume, paired te
 table and a figure (see rtjax.cohort_study). Resumable: rerun the same command.
 
     python scripts/cohort_study.py N OUT_DIR [--seed S] [--isotropic-truth]
+        [--arms model anisotropic mismatch] [--anisotropy-range 2 10] [--perturbation-deg 25]
     (data from RTJAX_DATA or ../shared/data)
 """
 
 import argparse
 
-from rtjax.experiments.cohort_study import format_study_table, run_cohort_study
+from rtjax.experiments.cohort_study import ARMS, format_study_table, run_cohort_study
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -18,9 +19,18 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--isotropic-truth", action="store_true",
                         help="grow the truth isotropically (the fitted model's own family)")
+    parser.add_argument("--arms", nargs="+", default=["model"], choices=ARMS,
+                        help="fitted arms: model (isotropic), anisotropic (the truth's DTI), "
+                             "mismatch (a perturbed DTI)")
+    parser.add_argument("--anisotropy-range", nargs=2, type=float, default=[2.0, 10.0],
+                        help="r of the anisotropic fits, fitted in this range")
+    parser.add_argument("--perturbation-deg", type=float, default=25.0,
+                        help="rms rotation of the mismatch arm's DTI, degrees")
     args = parser.parse_args()
     evaluations = run_cohort_study(args.n, args.out_dir, seed=args.seed,
-                                   isotropic_truth=args.isotropic_truth)
+                                   isotropic_truth=args.isotropic_truth, arms=args.arms,
+                                   anisotropy_range=tuple(args.anisotropy_range),
+                                   perturbation_deg=args.perturbation_deg)
     print(format_study_table(evaluations))
     print(f"wrote {args.out_dir}/cohort_study.csv, cohort_study_summary.csv, "
           f"cohort_study_statistics.json and cohort_study.png")

@@ -144,3 +144,43 @@ def test_downsample_image_averages_blocks_and_centres_them():
     assert coarse.data[1, 2, 0] == data[2:4, 4:6, 0:2].mean()
     np.testing.assert_allclose(coarse.voxel_to_world(np.array([1.0, 2.0, 0.0])),
                                [-10 + 2.5, 5 + 4.5, 2 + 0.5])
+
+
+def test_perturbed_tensor_keeps_eigenvalues_and_turns_by_the_asked_angle():
+    from rtjax.experiments.cohort_study import perturb_tensor
+
+    shape = (12, 12, 12)
+    v = np.array([1.0, 0.0, 0.0])
+    d = 0.3 * np.eye(3) + 1.4 * np.outer(v, v)
+    t6 = np.broadcast_to(np.array([d[0, 0], d[0, 1], d[0, 2], d[1, 1], d[1, 2], d[2, 2]])[:, None, None, None],
+                         (6, *shape)).astype(np.float32)
+    out = perturb_tensor(t6, (2.0, 2.0, 2.0), degrees_rms=20.0, smooth_mm=4.0, seed=1)
+    m = np.stack([np.stack([out[0], out[1], out[2]], -1), np.stack([out[1], out[3], out[4]], -1),
+                  np.stack([out[2], out[4], out[5]], -1)], -2).reshape(-1, 3, 3)
+    vals, vecs = np.linalg.eigh(m)
+    np.testing.assert_allclose(vals, np.broadcast_to([0.3, 0.3, 1.7], vals.shape), atol=1e-5)
+    angles = np.degrees(np.arccos(np.clip(np.abs(vecs[:, :, -1] @ v), 0, 1)))
+    # the principal axis turns by at most the rotation angle; its rms over voxels is below
+    # the 20 degrees rms of the rotations and far above zero
+    assert 5.0 < np.sqrt((angles**2).mean()) <= 20.5
+
+
+def test_anisotropic_arms_fit_with_the_subject_and_the_perturbed_dti(data_dir, tmp_path):
+    out = tmp_path / "arms"
+    evaluations = run_cohort_study(1, out, data_root=data_dir, arms=("model", "anisotropic", "mismatch"),
+                                   **SETTINGS)
+    (evaluation,) = evaluations
+    assert evaluation.families == ("standard", "model", "anisotropic", "mismatch", "oracle")
+    for arm, name in (("anisotropic", "subject_tensor.nii.gz"), ("mismatch", "perturbed_tensor.nii.gz")):
+        params = json.loads((out / f"results_{arm}" / "patient_000" / "params.json").read_text())
+        assert params["fit"]["dti"]["tensor"] == str(out / "dti" / name)
+        assert 2.0 <= params["fit"]["anisotropic"]["anisotropy"] <= 10.0
+    row = evaluation.row()
+    assert 0.0 <= row["anisotropic_dice_c0.1"] <= 1.0 and "mismatch_coverage_at_half_volume" in row
+    stats = json.loads((out / "cohort_study_statistics.json").read_text())
+    assert {"anisotropic_vs_model", "mismatch_vs_anisotropic"} <= set(stats["half_volume"])
+    with open(out / "cohort_study_summary.csv") as handle:
+        assert [r["family"] for r in csv.DictReader(handle)] == list(evaluation.families)
+    # the isotropic arm's case folders hold no DTI, so it stays isotropic
+    iso = json.loads((out / "results" / "patient_000" / "params.json").read_text())
+    assert iso["fit"]["dti"] == {"tensor_given": False}

@@ -1,6 +1,6 @@
 """Synthetic cohort study: recurrence coverage of the standard, model and oracle CTVs.
 
-The truth differs from the fitted model. Each synthetic patient lives in the MNI152 atlas
+The truth differs from the fitted model (or, in the anisotropic arms, only its DTI may). Each synthetic patient lives in the MNI152 atlas
 (nilearn's WM/GM, the ICBM152 CSF map and brain mask, block-averaged to a coarser grid,
 2 mm by default); the tumour grows from a random origin in brain tissue with random Dw, rho
 and T (:class:`ParameterRanges`), anisotropically along the TractSeg DTI fibres
@@ -20,8 +20,17 @@ Per patient, at equal volume (the 15 mm standard CTV's, within 1 %):
   growth model would give with this CTV construction: the reference upper bound, though
   not a strict bound for every patient);
 
-their recurrence coverages, the coverage-versus-volume curves of the three families and the
+their recurrence coverages, the coverage-versus-volume curves of the families and the
 smallest volumes covering 95 % / 100 % of the recurrence (:func:`rtjax.study.case_coverage`).
+
+Fitted arms (``arms``): ``model`` is the isotropic fit; with anisotropic truth two more
+arms fit the anisotropic model through the pipeline's DTI input (`rtjax run --tensor`,
+r fitted in ``anisotropy_range``): ``anisotropic`` with the truth's own DTI (the TractSeg
+tensor on the study grid, ``OUT_DIR/dti/subject_tensor.nii.gz``), ``mismatch`` with that
+DTI perturbed (:func:`perturb_tensor`: every voxel's tensor rotated by a smooth random
+rotation field of ``perturbation_deg`` degrees rms, ``dti/perturbed_tensor.nii.gz``),
+because a real patient's DTI is noisy and never the one the tumour grew along. Each arm
+also scores its fitted density against the true one (Dice at ``DICE_LEVELS``).
 Cohort: one CSV row per patient, summary rows, paired Wilcoxon signed-rank tests (model vs
 standard, oracle vs standard, oracle vs model; :func:`rtjax.study.paired_test`) and a figure.
 
@@ -32,6 +41,7 @@ Each patient is fitted as soon as it is generated. Output layout of
     OUT_DIR/cases/patient_NNN/    seg, wm, gm, csf, brain_mask, recurrence (`rtjax run` input)
     OUT_DIR/truth/patient_NNN/    density_true.nii.gz, patient.json (hidden parameters)
     OUT_DIR/results/              run_cohort's outputs (per case, summary.csv, statistics)
+    OUT_DIR/results_<arm>/        the same for the anisotropic arms; OUT_DIR/dti/ their DTI
     OUT_DIR/cohort_study.csv      one row per patient
     OUT_DIR/cohort_study_summary.csv, cohort_study_statistics.json, cohort_study.png
 """
@@ -50,25 +60,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm import tqdm
 
+from growth.tensor import components_to_matrix, matrix_to_components
 from rtjax.atlas import atlas_tissue_paths
 from rtjax.ctv import density_family, margin_family
 from rtjax.data import data_root as default_data_root
 from rtjax.experiments.demo import grow_density, simulate_recurrence, visible_tumour, write_case
 from rtjax.fit import block_average
 from rtjax.io import Image, check_same_grid, load_image, save_image
+from rtjax.metrics import dice
 from rtjax.pipeline import run_cohort
 from rtjax.pipeline.inputs import load_segmented_case
 from rtjax.plotting import headless_pyplot, save_figure
 from rtjax.provenance import run_metadata, write_json_atomic, write_text_atomic
 from rtjax.simulate import Tissue, box_simulator, load_shape_tensor, load_tissue, resolve_origin
 from rtjax.study import case_coverage, exact_coverage_curve, paired_test
+from rtjax.tensor_io import load_tensor_fa_peaks, resample_tensor, save_tensor_fsl
 
 __all__ = [
     "FAMILIES",
+    "ARMS",
+    "DICE_LEVELS",
+    "perturb_tensor",
     "ParameterRanges",
     "CohortAnatomy",
     "downsample_image",
@@ -91,8 +109,13 @@ __all__ = [
     "run_cohort_study",
 ]
 
-#: The three CTV families compared at equal volume.
+#: The three CTV families of the basic study (the isotropic fit's arm only).
 FAMILIES = ("standard", "model", "oracle")
+#: The fitted arms: the isotropic fit, and the anisotropic fit with the truth's DTI or a
+#: perturbed one (the families between "model" and "oracle").
+ARMS = ("model", "anisotropic", "mismatch")
+#: Density levels of the Dice between each fitted and the true density.
+DICE_LEVELS = (0.001, 0.1)
 
 #: Relative volumes (CTV volume / the patient's standard CTV volume) of the mean curves.
 RELATIVE_VOLUMES = np.linspace(0.0, 1.5, 301)
@@ -156,12 +179,15 @@ class CohortAnatomy:
         csf: (X, Y, Z) CSF probability.
         brain: (X, Y, Z) bool brain mask.
         shape_tensor: the DTI growth shape tensor, None for isotropic truth.
+        dti: the DTI it was built from, (6, X, Y, Z) on the study grid (canonical voxel
+            frame), None for isotropic truth.
     """
 
     tissue: Any
     csf: np.ndarray
     brain: np.ndarray
     shape_tensor: Any = None
+    dti: np.ndarray | None = None
 
     @property
     def reference(self):
@@ -216,13 +242,39 @@ def load_cohort_anatomy(
         gm=coarse["gm"].with_data((coarse["gm"].data * inside).astype(np.float32)),
         sources={**fine.sources, "csf": str(csf_path), "block_average": f"{factor} voxels"},
     )
-    shape = None
+    shape = dti = None
     if not isotropic:
         folder = root / "dti" / "tractseg"
         shape = load_shape_tensor(tissue, fa=folder / "FA.nii.gz",
                                   peaks=folder / "peaks.nii.gz", anisotropy=anisotropy)
+        dti = resample_tensor(*load_tensor_fa_peaks(folder / "FA.nii.gz", folder / "peaks.nii.gz"),
+                              tissue.reference)
     return CohortAnatomy(tissue=tissue, csf=np.clip(coarse["csf"].data, 0, 1).astype(np.float32),
-                         brain=inside, shape_tensor=shape)
+                         brain=inside, shape_tensor=shape, dti=dti)
+
+
+def perturb_tensor(t6: np.ndarray, spacing, *, degrees_rms: float = 25.0, smooth_mm: float = 6.0,
+                   seed: int = 0) -> np.ndarray:
+    """A noisy version of a DTI (6, X, Y, Z): every voxel's tensor rotated, Q D Q^T, by a
+    smooth random rotation (rotation vector: white noise smoothed by a Gaussian of
+    ``smooth_mm``, scaled to ``degrees_rms`` rms angle), eigenvalues kept."""
+    rng = np.random.default_rng(seed)
+    sigma = [smooth_mm / h for h in spacing]
+    field = np.stack([gaussian_filter(rng.normal(size=t6.shape[1:]), sigma) for _ in range(3)])
+    angle = np.linalg.norm(field, axis=0)
+    field *= np.deg2rad(degrees_rms) / max(float(np.sqrt((angle**2).mean())), 1e-12)
+    q = np.asarray(jax.vmap(_rotation_matrix)(jnp.asarray(field.reshape(3, -1).T)))
+    m = np.asarray(components_to_matrix(jnp.asarray(t6))).reshape(-1, 3, 3)
+    rotated = np.einsum("nij,njk,nlk->nil", q, m, q)
+    return np.asarray(matrix_to_components(jnp.asarray(rotated.reshape(*t6.shape[1:], 3, 3))), np.float32)
+
+
+def _rotation_matrix(w):
+    """Rodrigues: the rotation by |w| radians about w (3,) -> (3, 3)."""
+    theta = jnp.linalg.norm(w)
+    k = w / jnp.maximum(theta, 1e-12)
+    kx = jnp.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return jnp.eye(3) + jnp.sin(theta) * kx + (1.0 - jnp.cos(theta)) * (kx @ kx)
 
 
 def origin_candidates(anatomy: CohortAnatomy, ranges: ParameterRanges) -> np.ndarray:
@@ -385,11 +437,14 @@ class PatientEvaluation:
 
     Attributes:
         case: the case name.
-        model, oracle: :class:`rtjax.study.CaseCoverage` of the fitted and of the true
-            density (both carry the standard CTV's numbers).
-        curves: family name (:data:`FAMILIES`) -> exact :class:`rtjax.study.CoverageCurve`.
+        model, oracle: :class:`rtjax.study.CaseCoverage` of the isotropic fit's and of the
+            true density (both carry the standard CTV's numbers).
+        curves: family name -> exact :class:`rtjax.study.CoverageCurve`.
         truth: the hidden parameters (patient.json's ``patient``).
-        fit: the pipeline's case summary (done.json).
+        fit: the isotropic fit's case summary (done.json).
+        arms: the other fitted arms (``anisotropic``, ``mismatch``) -> CaseCoverage.
+        arm_fits: those arms' case summaries.
+        dice: fitted family -> Dice of its density against the true one at DICE_LEVELS.
     """
 
     case: str
@@ -398,6 +453,38 @@ class PatientEvaluation:
     curves: dict
     truth: dict = field(default_factory=dict)
     fit: dict = field(default_factory=dict)
+    arms: dict = field(default_factory=dict)
+    arm_fits: dict = field(default_factory=dict)
+    dice: dict = field(default_factory=dict)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """standard, the fitted arms (model first), oracle."""
+        return ("standard", "model", *self.arms, "oracle")
+
+    def coverage(self, family: str):
+        """The CaseCoverage whose ``model_*`` fields are the family's (standard: any)."""
+        return {"standard": self.model, "model": self.model, "oracle": self.oracle, **self.arms}[family]
+
+    def _family_row(self, fam: str) -> dict[str, Any]:
+        c = self.coverage(fam)
+        prefix = "standard" if fam == "standard" else "model"
+        row = {f"{fam}_coverage": getattr(c, f"{prefix}_coverage"),
+               f"{fam}_volume_ml": getattr(c, f"{prefix}_volume_ml")}
+        for level in ("95", "100"):
+            row[f"{fam}_volume_ml_for_{level}"] = getattr(c, f"{prefix}_volume_ml_for_{level}")
+        row[f"{fam}_coverage_at_half_volume"] = float(relative_coverage(
+            self.curves[fam], self.model.standard_volume_ml, [HALF_VOLUME])[0])
+        if fam in self.dice:
+            row.update({f"{fam}_dice_c{lvl:g}": d for lvl, d in zip(DICE_LEVELS, self.dice[fam])})
+        if fam not in ("standard", "oracle"):
+            row[f"{fam}_cutoff"] = c.cutoff
+        if fam in self.arm_fits:
+            fit = self.arm_fits[fam]
+            row.update({f"{fam}_anisotropy": fit.get("anisotropy"),
+                        f"{fam}_dice_core": fit.get("dice_core"),
+                        f"{fam}_dice_edema": fit.get("dice_edema")})
+        return row
 
     def row(self) -> dict[str, Any]:
         """The flat table row (volumes mL, coverages as fractions, parameters in mm, days)."""
@@ -426,37 +513,50 @@ class PatientEvaluation:
             row[f"standard_volume_ml_for_{level}"] = getattr(m, f"standard_volume_ml_for_{level}")
             row[f"model_volume_ml_for_{level}"] = getattr(m, f"model_volume_ml_for_{level}")
             row[f"oracle_volume_ml_for_{level}"] = getattr(o, f"model_volume_ml_for_{level}")
-        for fam in FAMILIES:
-            row[f"{fam}_coverage_at_half_volume"] = float(relative_coverage(
-                self.curves[fam], m.standard_volume_ml, [HALF_VOLUME])[0])
+        for fam in self.families:
+            row.update({k: v for k, v in self._family_row(fam).items() if k not in row})
         return row
 
 
-def evaluate_patient(case_dir, result_dir, truth_dir, *,
-                     margin_mm: float = 15.0) -> PatientEvaluation:
+def _arm_dir(out_dir: Path, arm: str) -> Path:
+    return out_dir / ("results" if arm == "model" else f"results_{arm}")
+
+
+def evaluate_patient(case_dir, result_dir, truth_dir, *, margin_mm: float = 15.0,
+                     arm_dirs: dict | None = None) -> PatientEvaluation:
     """Coverages and curves of one patient from its files: the case (seg, brain_mask,
-    recurrence), the pipeline's fitted ``density.nii.gz`` and the true density."""
+    recurrence), the pipeline's fitted ``density.nii.gz`` (``result_dir``: the isotropic
+    arm; ``arm_dirs``: arm -> result folder of the other arms) and the true density."""
 
     case_dir, result_dir, truth_dir = Path(case_dir), Path(result_dir), Path(truth_dir)
     _, _, masks, images = load_segmented_case(case_dir, labels="brats2021",
                                               extras=("brain_mask", "recurrence"))
-    fitted = load_image(result_dir / "density.nii.gz", kind="probability")
+    results = {"model": result_dir, **{a: Path(d) for a, d in (arm_dirs or {}).items()}}
+    fitted = {a: load_image(d / "density.nii.gz", kind="probability") for a, d in results.items()}
     truth = load_image(truth_dir / "density_true.nii.gz", kind="probability")
-    check_same_grid({"seg": images["seg"], "fitted density": fitted, "true density": truth})
+    check_same_grid({"seg": images["seg"], **{f"{a} density": f for a, f in fitted.items()},
+                     "true density": truth})
     ref = images["seg"]
     rec, brain, core = images["recurrence"].data, images["brain_mask"].data, masks.core
     common = (rec, core, brain)
     spacing, vox = ref.spacing, ref.voxel_volume_ml
-    model = case_coverage(case_dir.name, *common, fitted.data, spacing, vox, margin_mm=margin_mm)
+    coverages = {a: case_coverage(case_dir.name, *common, f.data, spacing, vox, margin_mm=margin_mm)
+                 for a, f in fitted.items()}
     oracle = case_coverage(case_dir.name, *common, truth.data, spacing, vox, margin_mm=margin_mm)
     families = (margin_family(core, brain, spacing, name="standard"),
-                density_family(fitted.data, name="model"),
+                *(density_family(f.data, name=a) for a, f in fitted.items()),
                 density_family(truth.data, name="oracle"))
     curves = {f.name: exact_coverage_curve(rec, f, vox) for f in families}
     record = json.loads((truth_dir / "patient.json").read_text())
-    fit = json.loads((result_dir / "done.json").read_text())
-    return PatientEvaluation(case=case_dir.name, model=model, oracle=oracle, curves=curves,
-                             truth=record["patient"], fit=fit)
+    fits = {a: json.loads((d / "done.json").read_text()) for a, d in results.items()}
+    for a, d in results.items():
+        params = json.loads((d / "params.json").read_text())
+        fits[a]["anisotropy"] = params["fit"].get("anisotropic", {}).get("anisotropy")
+    scores = {a: [dice(f.data >= lvl, truth.data >= lvl) for lvl in DICE_LEVELS]
+              for a, f in fitted.items()}
+    return PatientEvaluation(case=case_dir.name, model=coverages.pop("model"), oracle=oracle,
+                             curves=curves, truth=record["patient"], fit=fits.pop("model"),
+                             arms=coverages, arm_fits=fits, dice=scores)
 
 
 def relative_coverage(curve, standard_volume_ml: float, relative=RELATIVE_VOLUMES) -> np.ndarray:
@@ -475,8 +575,22 @@ def relative_coverage(curve, standard_volume_ml: float, relative=RELATIVE_VOLUME
 # --------------------------------------------------------------------------- cohort
 
 
-#: The paired comparisons (first, second) of :func:`cohort_tests`.
+#: The paired comparisons (first, second) of :func:`cohort_tests` of the basic study.
 COMPARISONS = (("model", "standard"), ("oracle", "standard"), ("oracle", "model"))
+
+
+def comparisons(families: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """The paired comparisons of a study with these families: :data:`COMPARISONS`, and for
+    each extra arm: arm vs standard, arm vs the isotropic model, oracle vs arm (and the
+    DTI mismatch vs the matched anisotropic fit)."""
+    extra = [f for f in families if f not in FAMILIES]
+    out = list(COMPARISONS)
+    for arm in extra:
+        out += [(arm, "standard"), (arm, "model"), ("oracle", arm)]
+    if {"anisotropic", "mismatch"} <= set(extra):
+        out.append(("mismatch", "anisotropic"))
+    return tuple(out)
+
 
 #: Coverage columns the tests compare: at equal volume, and at half of it.
 TESTED = {"equal_volume": "{}_coverage", "half_volume": "{}_coverage_at_half_volume"}
@@ -484,20 +598,21 @@ TESTED = {"equal_volume": "{}_coverage", "half_volume": "{}_coverage_at_half_vol
 
 def cohort_tests(evaluations: Sequence[PatientEvaluation], key: str = "{}_coverage") -> dict:
     """Paired Wilcoxon signed-rank tests (:func:`rtjax.study.paired_test`) of the row values
-    ``key.format(family)`` (coverages): ``model_vs_standard``, ``oracle_vs_standard``,
-    ``oracle_vs_model``, median_difference = first - second. paired_test compares the
+    ``key.format(family)`` (coverages) for :func:`comparisons` of the families, named
+    ``first_vs_second``, median_difference = first - second. paired_test compares the
     ``model_coverage`` and ``standard_coverage`` fields of CaseCoverage records: each
     patient's record gets the first family's value in the former, the second's in the
     latter."""
 
     rows = [e.row() for e in evaluations]
+    families = evaluations[0].families if evaluations else FAMILIES
 
     def pairs(first: str, second: str) -> list:
         return [dataclasses.replace(e.model, model_coverage=r[key.format(first)],
                                     standard_coverage=r[key.format(second)])
                 for e, r in zip(evaluations, rows)]
 
-    return {f"{a}_vs_{b}": paired_test(pairs(a, b)) for a, b in COMPARISONS}
+    return {f"{a}_vs_{b}": paired_test(pairs(a, b)) for a, b in comparisons(families)}
 
 
 def _stat(values, fn) -> float | None:
@@ -505,13 +620,14 @@ def _stat(values, fn) -> float | None:
     return float(fn(values)) if values else None
 
 
-def summary_rows(rows: Sequence[dict]) -> list[dict]:
+def summary_rows(rows: Sequence[dict], families: Sequence[str] = FAMILIES) -> list[dict]:
     """One row per family: mean / median / min coverage at equal volume, the mean
-    coverage at half that volume, the mean equal volume (mL), and the median smallest
-    volumes (mL) for 95 % / 100 % coverage with how many patients reach them. Coverages
-    as fractions."""
+    coverage at half that volume, the mean equal volume (mL), the median smallest
+    volumes (mL) for 95 % / 100 % coverage with how many patients reach them, and for a
+    fitted family the mean Dice of its density against the true one. Coverages as
+    fractions."""
     out = []
-    for fam in FAMILIES:
+    for fam in families:
         cov = [r[f"{fam}_coverage"] for r in rows]
         out.append({
             "family": fam, "patients": len(rows),
@@ -525,6 +641,8 @@ def summary_rows(rows: Sequence[dict]) -> list[dict]:
                                                    np.median) for lv in ("95", "100")},
             **{f"patients_reaching_{lv}": sum(r[f"{fam}_volume_ml_for_{lv}"] is not None
                                              for r in rows) for lv in ("95", "100")},
+            **{f"mean_dice_c{lvl:g}": _stat([r.get(f"{fam}_dice_c{lvl:g}") for r in rows], np.mean)
+               for lvl in DICE_LEVELS},
         })
     return out
 
@@ -546,10 +664,12 @@ def write_study_outputs(out_dir, evaluations: Sequence[PatientEvaluation], *,
 
     out_dir = Path(out_dir)
     rows = [e.row() for e in evaluations]
+    families = evaluations[0].families if evaluations else FAMILIES
     tests = {name: cohort_tests(evaluations, key) for name, key in TESTED.items()}
     return {
         "table": write_text_atomic(out_dir / "cohort_study.csv", _csv_text(rows)),
-        "summary": write_text_atomic(out_dir / "cohort_study_summary.csv", _csv_text(summary_rows(rows))),
+        "summary": write_text_atomic(out_dir / "cohort_study_summary.csv",
+                                     _csv_text(summary_rows(rows, families))),
         "statistics": write_json_atomic(out_dir / "cohort_study_statistics.json", {
             "test": "Wilcoxon signed-rank, two-sided, paired coverages at the 15 mm standard "
                     "CTV's volume (equal_volume) and at half of it (half_volume); "
@@ -561,23 +681,27 @@ def write_study_outputs(out_dir, evaluations: Sequence[PatientEvaluation], *,
     }
 
 
-_COLOURS = {"standard": "tab:orange", "model": "tab:blue", "oracle": "tab:green"}
+_COLOURS = {"standard": "tab:orange", "model": "tab:blue", "anisotropic": "tab:purple",
+            "mismatch": "tab:brown", "oracle": "tab:green"}
+_TICKS = {"standard": "standard\n(margin)", "model": "model\n(isotropic fit)",
+          "anisotropic": "model\n(anisotropic fit)", "mismatch": "model\n(aniso., noisy DTI)",
+          "oracle": "oracle\n(true density)"}
 
 
-def _paired_panel(ax, rows: Sequence[dict], key: str, title: str) -> None:
-    """Per patient, the three families' values of ``key.format(family)`` (fractions, shown
-    in %) joined by a line; black bars at the means."""
-    x = np.arange(len(FAMILIES))
+def _paired_panel(ax, rows: Sequence[dict], key: str, title: str, families=FAMILIES) -> None:
+    """Per patient, the families' values of ``key.format(family)`` (fractions, shown in
+    %) joined by a line; black bars at the means."""
+    x = np.arange(len(families))
     for row in rows:
-        ax.plot(x, [100 * row[key.format(f)] for f in FAMILIES], "-", color="grey",
+        ax.plot(x, [100 * row[key.format(f)] for f in families], "-", color="grey",
                 alpha=0.45, lw=0.8)
-    for k, fam in enumerate(FAMILIES):
+    for k, fam in enumerate(families):
         values = np.array([100 * r[key.format(fam)] for r in rows])
         ax.plot(np.full(values.size, k), values, "o", color=_COLOURS[fam], alpha=0.8)
         if values.size:
             ax.hlines(values.mean(), k - 0.25, k + 0.25, color="black", lw=2)
-    ax.set_xticks(x, ["standard\n(margin)", "model\n(fitted)", "oracle\n(true density)"])
-    ax.set_xlim(-0.4, len(FAMILIES) - 0.6)
+    ax.set_xticks(x, [_TICKS[f] for f in families], fontsize=8)
+    ax.set_xlim(-0.4, len(families) - 0.6)
     ax.set_ylim(-2, 102)
     ax.set_ylabel("recurrence coverage (%)")
     ax.set_title(title, fontsize=10)
@@ -591,13 +715,15 @@ def plot_cohort_study(evaluations: Sequence[PatientEvaluation], path, *, title: 
     Written atomically (PNG)."""
 
     plt = headless_pyplot()
-    fig, (equal, half, right) = plt.subplots(1, 3, figsize=(15, 4.8), constrained_layout=True)
+    families = evaluations[0].families if evaluations else FAMILIES
+    fig, (equal, half, right) = plt.subplots(1, 3, figsize=(5 * (1 + len(families) / 2.5), 4.8),
+                                             constrained_layout=True)
     rows = [e.row() for e in evaluations]
     _paired_panel(equal, rows, "{}_coverage",
-                  f"{len(rows)} patients at equal volume (15 mm CTV); bars: means")
+                  f"{len(rows)} patients at equal volume (15 mm CTV); bars: means", families)
     _paired_panel(half, rows, "{}_coverage_at_half_volume",
-                  f"at {HALF_VOLUME:g} x the 15 mm CTV's volume")
-    for fam in FAMILIES:
+                  f"at {HALF_VOLUME:g} x the 15 mm CTV's volume", families)
+    for fam in families:
         stack = np.array([relative_coverage(e.curves[fam], e.model.standard_volume_ml)
                           for e in evaluations]) * 100
         if not len(stack):
@@ -619,15 +745,21 @@ def plot_cohort_study(evaluations: Sequence[PatientEvaluation], path, *, title: 
     return save_figure(fig, path)
 
 
-def _table_columns() -> list[tuple[str, str, float]]:
+_LETTERS = {"standard": "S", "model": "M", "anisotropic": "A", "mismatch": "X", "oracle": "O"}
+
+
+def _table_columns(families=FAMILIES) -> list[tuple[str, str, float]]:
     """(header, row key, scale) of the printed table: volumes in mL, coverages in %;
-    S / M / O: standard, model, oracle."""
+    S / M / A / X / O: standard, isotropic model, anisotropic model, anisotropic model with
+    the noisy DTI, oracle; density Dice (x 100) of the fitted families at c >= 0.1."""
     columns = [("core", "core_volume_ml", 1.0), ("rec", "recurrence_volume_ml", 1.0),
                ("CTV", "standard_volume_ml", 1.0)]
     groups = (("cov", "{}_coverage", 100.0), ("half", "{}_coverage_at_half_volume", 100.0),
               ("V95", "{}_volume_ml_for_95", 1.0), ("V100", "{}_volume_ml_for_100", 1.0))
     for header, key, scale in groups:
-        columns += [(f"{header}{fam[0].upper()}", key.format(fam), scale) for fam in FAMILIES]
+        columns += [(f"{header}{_LETTERS[fam]}", key.format(fam), scale) for fam in families]
+    columns += [(f"D{_LETTERS[fam]}", f"{fam}_dice_c0.1", 100.0) for fam in families
+                if fam not in ("standard", "oracle")]
     return columns
 
 
@@ -637,7 +769,8 @@ def format_study_table(evaluations: Sequence[PatientEvaluation]) -> str:
     at half of it (half), and the smallest volumes (mL) covering 95 % and 100 %; then
     means and medians (volumes over the patients reaching the level) and the paired
     tests."""
-    columns = _table_columns()
+    families = evaluations[0].families if evaluations else FAMILIES
+    columns = _table_columns(families)
     width = max(len(h) for h, _, _ in columns) + 2
 
     def cell(value, scale: float) -> str:
@@ -646,11 +779,11 @@ def format_study_table(evaluations: Sequence[PatientEvaluation]) -> str:
     rows = [e.row() for e in evaluations]
     head = f"{'':12s}" + "".join(f"{h:>{width}s}" for h, _, _ in columns)
     lines = [head, "-" * len(head)]
-    lines += [f"{r['case']:12s}" + "".join(cell(r[k], sc) for _, k, sc in columns) for r in rows]
+    lines += [f"{r['case']:12s}" + "".join(cell(r.get(k), sc) for _, k, sc in columns) for r in rows]
     if rows:
         lines.append("-" * len(head))
         for name, fn in (("mean", np.mean), ("median", np.median)):
-            lines.append(f"{name:12s}" + "".join(cell(_stat([r[k] for r in rows], fn), sc)
+            lines.append(f"{name:12s}" + "".join(cell(_stat([r.get(k) for r in rows], fn), sc)
                                                  for _, k, sc in columns))
         for where, key in TESTED.items():
             for name, test in cohort_tests(evaluations, key).items():
@@ -675,6 +808,24 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     write_json_atomic(path, {"settings": settings, **run_metadata()})
 
 
+def _arm_tensors(out_dir: Path, anatomy, arms, perturbation_deg: float, seed: int) -> dict[str, Path]:
+    """arm -> the DTI file it is fitted with (written once into ``out_dir/dti``):
+    anisotropic: the truth's own DTI; mismatch: :func:`perturb_tensor` of it."""
+    wanted = {"anisotropic": "subject_tensor.nii.gz", "mismatch": "perturbed_tensor.nii.gz"}
+    paths = {arm: out_dir / "dti" / wanted[arm] for arm in arms if arm in wanted}
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    anatomy = anatomy()
+    if anatomy.dti is None:
+        raise ValueError("the anisotropic arms need anisotropic truth (a DTI)")
+    ref = anatomy.reference
+    for arm, path in paths.items():
+        t6 = anatomy.dti if arm == "anisotropic" else perturb_tensor(
+            anatomy.dti, ref.spacing, degrees_rms=perturbation_deg, seed=seed)
+        save_tensor_fsl(t6, ref, path)
+    return paths
+
+
 def run_cohort_study(
     n: int,
     out_dir,
@@ -687,40 +838,69 @@ def run_cohort_study(
     ranges: ParameterRanges = ParameterRanges(),
     margin_mm: float = 15.0,
     run_options: dict | None = None,
+    arms: Sequence[str] = ("model",),
+    anisotropy_range: tuple[float, float] = (2.0, 10.0),
+    perturbation_deg: float = 25.0,
     progress: bool = True,
 ) -> list[PatientEvaluation]:
     """Generate `n` synthetic patients, fitting each as soon as it exists with the
-    pipeline (isotropic model, :func:`rtjax.pipeline.run_cohort`, resumable), evaluate
-    them and write the study's tables and figure (module docstring). `run_options` go to
-    ``run_case`` (e.g. ``initial``, ``fit_iterations``).
+    pipeline (:func:`rtjax.pipeline.run_cohort`, resumable) in every arm of `arms`
+    (:data:`ARMS`: the isotropic ``model`` always; ``anisotropic`` / ``mismatch`` fit the
+    anisotropic model with the truth's DTI or a perturbed one, r fitted in
+    `anisotropy_range`; module docstring), evaluate them and write the study's tables and
+    figure. `run_options` go to ``run_case`` (e.g. ``initial``, ``fit_iterations``).
 
     Resuming: rerun with the same settings (``study.json``; `n` may change: patient i
     does not depend on n, so a larger n extends the cohort and a smaller one reports its
     first n patients, though run_cohort also fits any other case folder present). Patients
-    whose fit failed are left out (``results/errors.log``). Returns the evaluations of
-    patients 0..n-1 that are done, sorted by case."""
+    whose fit failed in some arm are left out (``results*/errors.log``). Returns the
+    evaluations of patients 0..n-1 that are done, sorted by case."""
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    arms = ("model", *(a for a in arms if a != "model"))
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or (isotropic_truth and len(arms) > 1):
+        raise ValueError(f"arms must be among {ARMS} (the anisotropic ones need anisotropic "
+                         f"truth), got {list(arms)}")
     settings = {"seed": int(seed), "isotropic_truth": bool(isotropic_truth),
                 "factor_mm": int(factor), "anisotropy": float(anisotropy),
                 "ranges": dataclasses.asdict(ranges), "margin_mm": float(margin_mm),
                 "run_options": dict(run_options or {})}
+    if len(arms) > 1:
+        settings.update(arms=list(arms), anisotropy_range=list(anisotropy_range),
+                        perturbation_deg=float(perturbation_deg))
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
     _check_settings(out_dir, settings)
+    loaded = []
+
+    def anatomy():
+        if not loaded:
+            loaded.append(load_cohort_anatomy(data_root or default_data_root(), factor=factor,
+                                              isotropic=isotropic_truth, anisotropy=anisotropy))
+        return loaded[0]
+
+    tensors = _arm_tensors(out_dir, anatomy, arms, perturbation_deg, seed) if len(arms) > 1 else {}
     options = {"labels": "brats2021", "margin_mm": margin_mm, **(run_options or {})}
-    fit = lambda bar: run_cohort(out_dir / "cases", out_dir / "results",  # noqa: E731
-                                progress=bar, **options)
-    names = generate_cohort(
-        out_dir, n,
-        lambda: load_cohort_anatomy(data_root or default_data_root(), factor=factor,
-                                    isotropic=isotropic_truth, anisotropy=anisotropy),
-        seed=seed, ranges=ranges, after_each=lambda _: fit(False), progress=progress)
+    per_arm = {arm: {**options, **({} if arm == "model" else
+                                   {"overrides": {"tensor": tensors[arm]}, "anisotropy": anisotropy_range})}
+               for arm in arms}
+
+    def fit(bar):
+        for arm in arms:
+            run_cohort(out_dir / "cases", _arm_dir(out_dir, arm), progress=bar, **per_arm[arm])
+
+    names = generate_cohort(out_dir, n, anatomy, seed=seed, ranges=ranges,
+                            after_each=lambda _: fit(False), progress=progress)
     fit(progress)  # cases generated earlier but not fitted yet; nothing when all are done
+    done = [name for name in names
+            if all((_arm_dir(out_dir, a) / name / "done.json").is_file() for a in arms)]
     evaluations = [evaluate_patient(out_dir / "cases" / name, out_dir / "results" / name,
-                                    out_dir / "truth" / name, margin_mm=margin_mm)
-                   for name in names if (out_dir / "results" / name / "done.json").is_file()]
+                                    out_dir / "truth" / name, margin_mm=margin_mm,
+                                    arm_dirs={a: _arm_dir(out_dir, a) / name for a in arms[1:]})
+                   for name in done]
     truth = "isotropic" if isotropic_truth else f"anisotropic (DTI, r = {anisotropy:g})"
+    fits = "isotropic fit" if len(arms) == 1 else "isotropic and anisotropic fits"
     write_study_outputs(out_dir, evaluations, settings=settings,
-                        title=f"synthetic cohort, {truth} truth, isotropic fit")
+                        title=f"synthetic cohort, {truth} truth, {fits}")
     return evaluations
