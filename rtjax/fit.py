@@ -35,6 +35,7 @@ from growth.fit import (
 )
 from growth.tensor import tumour_tensor, tumour_tensor_family
 from rtjax.inverse.predict import predict
+from rtjax.inverse.weights import load_weights
 from rtjax.io import bounding_box
 from rtjax.labels import TumourMasks
 from rtjax.metrics import dice
@@ -46,6 +47,8 @@ __all__ = [
     "block_average",
     "network_estimate",
     "fit_case",
+    "EnsembleFit",
+    "fit_ensemble",
 ]
 
 
@@ -97,10 +100,16 @@ def block_average(array: np.ndarray, factors) -> np.ndarray:
     return padded.reshape(shape).mean(axis=(1, 3, 5))
 
 
-def network_estimate(core, edema, wm, gm, spacing, box, factors, weights=None):
+def network_estimate(core, edema, wm, gm, spacing, box, factors, weights=None, member: int | None = None):
     """The inverse network's estimate (full-grid arrays) as a `FitEstimate` on the working
-    grid of `box` / `factors`, and the raw prediction (for params.json)."""
+    grid of `box` / `factors`, and the raw prediction (for params.json): the ensemble mean,
+    or one `member`'s estimate."""
     raw = predict(core, edema, wm, gm, spacing, weights=weights)
+    if member is not None:
+        members = raw["members"]
+        if not 0 <= member < len(members["sqrt_dw_t"]):
+            raise ValueError(f"member {member}: the network has {len(members['sqrt_dw_t'])} members")
+        raw = {**raw, **{k: np.asarray(v)[member] for k, v in members.items()}}
     full_vox = np.asarray(raw["origin_mm"], float) / np.asarray(spacing, float)
     corner = np.array([s.start for s in box], float)
     factors = np.asarray(factors, float)
@@ -133,6 +142,7 @@ def fit_case(
     tensor: np.ndarray | None = None,
     anisotropy: float | tuple[float, float] = 5.0,
     tensor_method: str = "scaled",
+    member: int | None = None,
 ) -> CaseFit:
     """Fit the FK model to a case's masks on its tissue (canonical arrays, spacing in mm).
 
@@ -153,6 +163,8 @@ def fit_case(
             is with anisotropy=1.
         anisotropy: r, fixed (a number), or (r_lo, r_hi) to fit r in that range.
         tensor_method: "scaled" or "westin" (`growth.tumour_tensor`).
+        member: with initial "network", start from this ensemble member's estimate
+            instead of the ensemble mean (`fit_ensemble`).
     """
     start = time.perf_counter()
     config = config or FitConfig()
@@ -178,7 +190,8 @@ def fit_case(
     network = None
     if isinstance(initial, str):
         if initial == "network":
-            initial, network = network_estimate(core, edema, wm, gm, spacing, box, factors, weights)
+            initial, network = network_estimate(core, edema, wm, gm, spacing, box, factors, weights,
+                                                member)
         elif initial == "heuristic":
             initial = heuristic_estimate(work["core"] > 0.5, work["edema"] > 0.5, work_spacing)
             # the prior is for a calibrated (network) estimate, not for this rough guess
@@ -342,3 +355,101 @@ def _plain(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
+
+
+@dataclass
+class EnsembleFit:
+    """An ensemble of fits of one case: the point fit and the members that reproduce the
+    masks almost as well (densities on the case's canonical grid).
+
+    Attributes:
+        point: the usual fit (network ensemble mean as the start).
+        densities: the accepted members' densities, the point fit's first.
+        members: per candidate: its start ("point", "network member k", or the shifted
+            thresholds), Dice of the re-simulated core / edema, whether it was accepted.
+    """
+
+    point: CaseFit
+    densities: list[np.ndarray]
+    members: list[dict[str, Any]]
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-voxel mean density over the accepted members, float32."""
+        return np.mean(self.densities, axis=0).astype(np.float32)
+
+    @property
+    def sd(self) -> np.ndarray:
+        """Per-voxel standard deviation of the density over the accepted members, float32."""
+        return np.std(self.densities, axis=0).astype(np.float32)
+
+
+def _mask_dice(info: dict) -> float:
+    return 0.5 * (info["dice_core"] + info["dice_edema"])
+
+
+def _shifted_start(point: CaseFit, du_t1: float, du_fl: float, bounds: FitBounds) -> FitEstimate:
+    """The point fit's working-grid estimate with its imaging thresholds shifted (kept
+    inside the bounds): a start on the valley of thresholds and growth parameters that
+    reproduce one scan's masks almost equally well."""
+    est = point.info["scaled_parameters"]
+    lo_t1, hi_t1 = bounds.u_t1
+    lo_fl, hi_fl = bounds.u_fl
+    u_t1 = float(np.clip(est["u_t1"] + du_t1, lo_t1 + 0.01, hi_t1 - 0.01))
+    u_fl = float(np.clip(est["u_fl"] + du_fl, lo_fl + 0.01, min(hi_fl, u_t1) - 0.01))
+    return FitEstimate(origin_mm=jnp.asarray(est["origin_grid_mm"], jnp.float32),
+                       sqrt_dw_t=jnp.float32(est["sqrt_dw_t_mm"]), sqrt_rho_t=jnp.float32(est["sqrt_rho_t"]),
+                       u_t1=jnp.float32(u_t1), u_fl=jnp.float32(u_fl))
+
+
+def fit_ensemble(
+    masks: TumourMasks,
+    wm: np.ndarray,
+    gm: np.ndarray,
+    spacing,
+    *,
+    weights=None,
+    threshold_shift: float = 0.05,
+    tolerance: float = 0.03,
+    config=None,
+    progress: bool = False,
+    **fit_options,
+) -> EnsembleFit:
+    """An ensemble of fits for per-voxel probabilities (`rtjax.ctv.ctv_probability`).
+
+    Candidates: the point fit (the network's ensemble mean as the start); a fit from each
+    member of the inverse network's ensemble; and fits with the imaging thresholds held at
+    the point fit's shifted by +-`threshold_shift` (u_T1, then u_FL; growth parameters and
+    origin refined). One scan's masks are reproduced almost equally well along a valley of
+    thresholds and growth parameters; a candidate whose mean re-simulated Dice (core,
+    edema) is within `tolerance` of the point fit's is accepted. `fit_options` go to
+    every `fit_case` (e.g. a tensor).
+    """
+    config = config or FitConfig()
+    bounds = fit_options.pop("bounds", None) or FitBounds()
+    common = dict(weights=weights, bounds=bounds, **fit_options)
+    point = fit_case(masks, wm, gm, spacing, initial="network", config=config, progress=progress, **common)
+    candidates = [(f"network member {k}", dict(initial="network", member=k, config=config))
+                  for k in range(load_weights(weights).config.train.members)]
+    fixed = dataclasses.replace(config, fit_thresholds=False)
+    for name, du_t1, du_fl in (("u_t1 +", threshold_shift, 0.0), ("u_t1 -", -threshold_shift, 0.0),
+                               ("u_fl +", 0.0, threshold_shift), ("u_fl -", 0.0, -threshold_shift)):
+        candidates.append((f"thresholds {name}{threshold_shift:g}",
+                           dict(initial=_shifted_start(point, du_t1, du_fl, bounds), config=fixed)))
+    best = _mask_dice(point.info)
+    densities = [point.density]
+    members = [{"start": "point", "dice_core": point.info["dice_core"],
+                "dice_edema": point.info["dice_edema"], "accepted": True}]
+    for name, options in candidates:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the point fit already said it
+            fit = fit_case(masks, wm, gm, spacing, **options, **common)
+        accepted = _mask_dice(fit.info) >= best - tolerance
+        members.append({"start": name, "dice_core": fit.info["dice_core"],
+                        "dice_edema": fit.info["dice_edema"], "accepted": bool(accepted),
+                        "u_t1": fit.info["u_t1"], "u_fl": fit.info["u_fl"],
+                        "sqrt_dw_t_mm": fit.info["scaled_parameters"]["sqrt_dw_t_mm"],
+                        "sqrt_rho_t": fit.info["scaled_parameters"]["sqrt_rho_t"]})
+        if accepted:
+            densities.append(fit.density)
+    return EnsembleFit(point=point, densities=densities, members=members)

@@ -64,10 +64,10 @@ from scipy.ndimage import binary_fill_holes
 from growth.fit import FitConfig
 from rtjax.anatomy import target_image
 from rtjax.config import to_dict
-from rtjax.ctv import isovolumetric_cutoff, standard_ctv
+from rtjax.ctv import ctv_probability, isovolumetric_cutoff, probability_ranked_ctv, standard_ctv
 from rtjax.dicom import DICOM_DIR, convert_case_dicom, has_dicom_series
 from rtjax.errors import InputError
-from rtjax.fit import CaseFit, fit_case
+from rtjax.fit import CaseFit, fit_case, fit_ensemble
 from rtjax.io import save_image
 from rtjax.labels import TumourMasks, combine_labels
 from rtjax.pipeline.inputs import (
@@ -143,6 +143,30 @@ def _target_volumes(masks, images, density, spacing, margin_mm: float, cutoffs):
         raise ValueError(f"iso-volumetric model CTV: the fitted density cannot match the "
                          f"{margin_mm:g} mm standard CTV's volume: {err}") from None
     return brain, inside, standard, cutoff, model, {c: inside >= c for c in cutoffs}
+
+
+def _probabilistic(ensemble, standard, brain, images, mm3) -> dict:
+    """The probabilistic CTV of an ensemble fit: mean / sd density, the CTV probability
+    (fraction of accepted members whose iso-volumetric CTV holds the voxel), the members
+    and, with a recurrence, the coverage of p >= 0.5, p >= 0.9 and of the
+    probability-ranked CTV of the standard CTV's volume."""
+    mean = np.where(brain, ensemble.mean, np.float32(0))
+    probability, cutoffs = ctv_probability(ensemble.densities, standard, inside=brain)
+    record = {"members": ensemble.members, "accepted": len(ensemble.densities),
+              "member_cutoffs": cutoffs, "mean": mean,
+              "sd": np.where(brain, ensemble.sd, np.float32(0)), "probability": probability,
+              "coverage": None}
+    if "recurrence" in images and (images["recurrence"].data & brain).any():
+        recurrence = images["recurrence"].data.astype(bool) & brain
+        ranked = probability_ranked_ctv(probability, mean, standard)
+        record["coverage"] = {
+            **{f"p>={level:g}": {"volume_ml": _ml(probability >= level, mm3),
+                                 "coverage": coverage_of(recurrence, probability >= level)}
+               for level in (0.5, 0.9)},
+            "ranked_at_standard_volume": {"volume_ml": _ml(ranked, mm3),
+                                          "coverage": coverage_of(recurrence, ranked)},
+        }
+    return record
 
 
 def _ctv_record(masks, images, brain, standard, model, cutoff, by_cutoff, margin_mm, mm3) -> dict:
@@ -302,6 +326,7 @@ def run_case(
     anisotropy: float | Sequence[float] = 5.0,
     tensor_method: str = "scaled",
     dti_atlas: Sequence[str | Path] | None = None,
+    ensemble: bool = False,
     weights=None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -330,6 +355,11 @@ def run_case(
         tensor_method: "scaled" or "westin" (`growth.tumour_tensor`).
         dti_atlas: (FA, PEAKS) of a population DTI in the MNI152 frame for a case without
             its own DTI, carried to it by the atlas registration.
+        ensemble: also fit an ensemble of starts (:func:`rtjax.fit.fit_ensemble`) and
+            write ``density_mean``, ``density_sd`` and ``ctv_probability`` (the fraction of
+            members whose iso-volumetric CTV holds the voxel); coverage.json then has the
+            probabilistic CTVs' coverage (p >= 0.5, p >= 0.9, the probability-ranked CTV at
+            the standard volume).
         weights: inverse-network weights folder (default: shipped).
 
     A case with DTI (its ``tensor``, or ``fa`` + ``peaks``, or ``dti_atlas``) is fitted
@@ -350,7 +380,8 @@ def run_case(
                          rtstruct=bool(rtstruct), names=dict(names or {}),
                          tensor_frame=tensor_frame, anisotropy=_as_tuple(anisotropy),
                          tensor_method=tensor_method,
-                         dti_atlas=None if dti_atlas is None else tuple(str(p) for p in dti_atlas))
+                         dti_atlas=None if dti_atlas is None else tuple(str(p) for p in dti_atlas),
+                         ensemble=bool(ensemble))
     case_dir, out_dir = Path(case_dir), Path(out_dir)
     given = case_overrides(case_dir, overrides, options.names)
     dicom = bool(series) or has_dicom_series(case_dir)
@@ -391,13 +422,23 @@ def _run(case_dir, out_dir, partial, options: RunOptions, given, series, dicom, 
     mm3 = float(abs(np.linalg.det(reference.affine[:3, :3])))
     tensor, dti = load_case_dti(files, reference, masks.whole, frame=options.tensor_frame)
     config = FitConfig(max_iterations=options.iterations)
-    fit = fit_case(masks, images["wm"].data, images["gm"].data, spacing, initial=options.start,
-                   weights=weights, config=config, progress=progress, **_dti_fit_options(tensor, options))
+    fit_args = (masks, images["wm"].data, images["gm"].data, spacing)
+    fit_kwargs = dict(weights=weights, config=config, progress=progress, **_dti_fit_options(tensor, options))
+    if options.ensemble:
+        ensemble = fit_ensemble(*fit_args, **fit_kwargs)
+        fit = ensemble.point
+    else:
+        ensemble, fit = None, fit_case(*fit_args, initial=options.start, **fit_kwargs)
     fit.info["dti"] = dti
     brain, inside, standard, cutoff, model, by_cutoff = _target_volumes(
         masks, images, fit.density, spacing, options.margin_mm, options.cutoffs)
     coverage = _coverage(case_id, images, masks, brain, inside, spacing, mm3,
                          options.margin_mm, by_cutoff)
+    probabilistic = None if ensemble is None else _probabilistic(ensemble, standard, brain, images, mm3)
+    if probabilistic is not None:
+        prob_coverage = probabilistic.pop("coverage")
+        if coverage is not None and prob_coverage is not None:
+            coverage["probabilistic"] = prob_coverage
     ctv = _ctv_record(masks, images, brain, standard, model, cutoff, by_cutoff,
                       options.margin_mm, mm3)
     unc = (segmentation_uncertainty(images["seg_uncertainty"].data, masks.whole)
@@ -412,7 +453,7 @@ def _run(case_dir, out_dir, partial, options: RunOptions, given, series, dicom, 
                    "iterations": options.iterations, "cutoffs": list(options.cutoffs),
                    "rtstruct": options.rtstruct, "names": dict(options.names),
                    "tensor_frame": options.tensor_frame, "anisotropy": list(options.anisotropy),
-                   "tensor_method": options.tensor_method,
+                   "tensor_method": options.tensor_method, "ensemble": options.ensemble,
                    "dti_atlas": None if options.dti_atlas is None else list(options.dti_atlas),
                    "series": dict(series or {}),
                    "weights": None if weights is None else str(Path(weights).absolute())}
@@ -426,6 +467,10 @@ def _run(case_dir, out_dir, partial, options: RunOptions, given, series, dicom, 
         (model, "ctv_model.nii.gz", "mask"),
         *((m, cutoff_file(c), "mask") for c, m in by_cutoff.items()),
     ]
+    if probabilistic is not None:
+        images_out += [(probabilistic.pop("mean"), "density_mean.nii.gz", "density"),
+                       (probabilistic.pop("sd"), "density_sd.nii.gz", "density"),
+                       (probabilistic.pop("probability"), "ctv_probability.nii.gz", "float")]
     if not convention.edema and masks.edema.any():
         images_out.append((masks.edema, EDEMA_FILE, "mask"))
     if "seg_uncertainty" in images:
@@ -435,7 +480,8 @@ def _run(case_dir, out_dir, partial, options: RunOptions, given, series, dicom, 
     written.append(write_json_atomic(partial / "params.json", {
         "case": case_id, "quality": quality["quality"], "quality_reasons": quality["reasons"],
         "quality_checks": quality["checks"], "fit": fit.info, "loss_curve": fit.loss_curve,
-        "ctv": ctv, "coverage": coverage, "warnings": list(dict.fromkeys(seen)),
+        "ctv": ctv, "coverage": coverage, "ensemble": probabilistic,
+        "warnings": list(dict.fromkeys(seen)),
         **provenance}).name)
     if coverage is not None:
         written.append(write_json_atomic(partial / "coverage.json", coverage).name)

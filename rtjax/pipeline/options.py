@@ -191,6 +191,8 @@ class RunOptions:
         tensor_method: the tumour tensor construction, "scaled" or "westin".
         dti_atlas: (FA, PEAKS) files of a population DTI in the MNI152 frame, carried to a
             case without its own DTI by the atlas registration; None: no atlas DTI.
+        ensemble: also fit an ensemble (`rtjax.fit.fit_ensemble`) and write the
+            probabilistic CTV (``ctv_probability``, ``density_mean``, ``density_sd``).
 
     Raises:
         OptionsError: one line per bad option, each naming it as on the command line.
@@ -208,6 +210,7 @@ class RunOptions:
     anisotropy: tuple[float, ...] = (5.0,)
     tensor_method: str = "scaled"
     dti_atlas: tuple[str, ...] | None = None
+    ensemble: bool = False
 
     def __post_init__(self):
         problems = _check_labels(self.labels)
@@ -227,6 +230,8 @@ class RunOptions:
                             "least 1")
         if not isinstance(self.rtstruct, bool):
             problems.append(f"--rtstruct: expected true or false, got {self.rtstruct!r}")
+        if not isinstance(self.ensemble, bool):
+            problems.append(f"--ensemble: expected true or false, got {self.ensemble!r}")
         names, bad = _check_names(self.names)
         problems += bad
         anisotropy, dti_atlas, bad = _check_dti(self.tensor_frame, self.anisotropy,
