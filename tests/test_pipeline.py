@@ -125,6 +125,9 @@ BROKEN = ["broken_empty", "broken_grid", "broken_missing_gm"]
 
 
 COHORT = dict(FAST, cutoffs=(0.1, 0.3))
+# The recorded options of an isotropic, single-fit run: no DTI, the default anisotropy.
+ISOTROPIC_DEFAULTS = {"tensor_frame": None, "anisotropy": [5.0], "tensor_method": "scaled",
+                      "dti_atlas": None, "ensemble": False}
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +186,8 @@ def test_case_outputs_are_on_the_input_grid(cohort):
         assert entry["volume_ml"] == pytest.approx(ctv.sum() * 0.008)
     assert params["options"] == {"labels": "brats2021", "ignore_labels": [], "margin_mm": 15.0,
                                  "start": "network", "iterations": 15, "cutoffs": [0.1, 0.3],
-                                 "rtstruct": False, "names": {}, "series": {}, "weights": None}
+                                 "rtstruct": False, "names": {}, "series": {}, "weights": None,
+                                 **ISOTROPIC_DEFAULTS}
     assert params["quality"] == "good" and params["quality_reasons"] == []
     assert params["git_revision"] is not None or "rtjax_version" in params
     # Inputs as absolute paths, whatever the working directory was.
@@ -348,7 +352,7 @@ def test_options_shards_and_jobs(tmp_path):
     assert options == {"labels": "gliodil", "ignore_labels": [], "margin_mm": 10.0,
                        "start": "network", "iterations": 30, "cutoffs": [0.1], "rtstruct": False,
                        "names": {"seg": "segm.nii.gz", "brain_mask": "brainMask*",
-                                 "recurrence": "segm_rec.nii.gz"}}
+                                 "recurrence": "segm_rec.nii.gz"}, **ISOTROPIC_DEFAULTS}
     config.write_text("labels: gliodil\nmargins: 20\n")
     with pytest.raises(ValueError, match="unknown config key.*margins"):
         resolve_options(config)
@@ -368,7 +372,7 @@ def test_options_shards_and_jobs(tmp_path):
         "--start 'best': choose network or heuristic",
         "--iterations 2.5: give a whole number of at least 1",
         "--names segm=...: unknown role 'segm'; roles are t1c, flair, t1, t2, seg, wm, gm, csf, "
-        "brain_mask, recurrence, edema",
+        "brain_mask, tensor, fa, peaks, recurrence, edema",
         "--names seg=/abs/seg.nii.gz: a pattern is matched inside each case folder; use a name, "
         "not a path",
     ]
