@@ -502,16 +502,28 @@ def train_seg(
     config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/seg_cpu.yaml.")],
     workdir: Annotated[Path, typer.Option("--workdir", help="Checkpoints, bank, leave-one-out results, weights/.")],
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="Wall-clock budget, s (overrides train.max_seconds).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Real-data root with brats2015/ and tcga/ (overrides data.root).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Real-data root searched for labelled cases (overrides the config's data root).")] = None,
 ) -> None:
-    """Train the segmentation ensemble: FK tumour bank, synthetic base model, leave-one-out
-    fine-tunes scored on the real cases, final fine-tune; resumes from WORKDIR's checkpoints
-    and writes WORKDIR/weights (the shipped layout)."""
+    """Train a segmentation ensemble and write WORKDIR/weights (the shipped layout); resumes
+    from WORKDIR's checkpoints. A config with `architecture: slices` (configs/seg_slices.yaml)
+    trains the 2.5-D model k-fold by patient on the real labelled cases and cross-validates
+    it; otherwise the 3-D model (FK tumour bank, synthetic base model, leave-one-out
+    fine-tunes, final fine-tune)."""
     import dataclasses
 
+    from rtjax.config import read_yaml
     from rtjax.seg.config import load_config
+    from rtjax.seg.slices import ARCHITECTURE
+    from rtjax.seg.slice_train import load_slice_config, train_slices
     from rtjax.seg.train import train_and_evaluate
 
+    if (read_yaml(config) or {}).get("architecture") == ARCHITECTURE:
+        cfg = load_slice_config(config)
+        changes = {k: v for k, v in (("max_seconds", max_seconds), ("data_root", data and str(data))) if v is not None}
+        result = train_slices(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes)), workdir)
+        typer.echo(f"cross-validation mean: {result['mean']}")
+        typer.echo(f"wrote {result['weights']}")
+        return
     cfg = load_config(config)
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data)))

@@ -34,6 +34,8 @@ from rtjax.io import load_case, save_image
 from rtjax.labels import combine_labels, get_convention
 from rtjax.ml import read_weights_config, restore_params
 from rtjax.seg.config import SegConfig, config_from_dict
+from rtjax.seg.grid import resample_to_shape, working_shape
+from rtjax.seg.slices import ARCHITECTURE, SliceWeights
 from rtjax.seg.model import (
     brain_mask_from_images,
     create_ensemble,
@@ -119,11 +121,11 @@ def weights_from_model(model, config: SegConfig, path=None) -> SegWeights:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_weights_cached(path: Path) -> SegWeights:
-
-
-
-    config = config_from_dict(read_weights_config(path, "segmentation weights"), f"{path / 'config.yaml'}")
+def _load_weights_cached(path: Path) -> SegWeights | SliceWeights:
+    data = read_weights_config(path, "segmentation weights")
+    if data.get("architecture") == ARCHITECTURE:
+        return SliceWeights.from_config_dict(data, lambda abstract: restore_params(path, abstract), path)
+    config = config_from_dict(data, f"{path / 'config.yaml'}")
     if jax.default_backend() == "cpu" and config.model.dtype != "float32":
         # parameters are float32 whatever the training dtype; bfloat16 convolutions are slow on CPUs
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="float32"))
@@ -132,8 +134,9 @@ def _load_weights_cached(path: Path) -> SegWeights:
     return SegWeights(graphdef=graphdef, params=state, config=config, path=path)
 
 
-def load_weights(path: str | Path | None = None) -> SegWeights:
-    """Load a weights folder (default: the shipped `rtjax/weights/seg`); cached."""
+def load_weights(path: str | Path | None = None) -> SegWeights | SliceWeights:
+    """Load a weights folder (default: the shipped `rtjax/weights/seg`): a 3-D
+    (`SegWeights`) or 2.5-D (`SliceWeights`, config `architecture: slices`) ensemble; cached."""
     return _load_weights_cached(Path(path or DEFAULT_WEIGHTS).resolve())
 
 
@@ -217,28 +220,6 @@ def sliding_window(
 # --------------------------------------------------------------------------- resolution
 
 
-def working_shape(shape, spacing, work_spacing: float) -> tuple[int, int, int]:
-    """Grid shape at the working spacing covering the same field of view (rounded)."""
-    return tuple(max(1, int(round(n * s / work_spacing))) for n, s in zip(shape, spacing))
-
-
-def resample_to_shape(array: np.ndarray, shape) -> np.ndarray:
-    """Resample (X, Y, Z[, C]) to `shape` (3 values) over the same field of view (voxel
-    edges aligned, `jax.image.resize` "linear": trilinear, antialiased when shrinking);
-    identity when the shape already matches. Returns float32 numpy."""
-
-    shape = tuple(int(n) for n in shape)
-    if tuple(array.shape[:3]) == shape:
-        return np.asarray(array, np.float32)
-    return np.asarray(_resize_jit()(jnp.asarray(array, jnp.float32), shape + tuple(array.shape[3:])))
-
-
-@functools.cache
-def _resize_jit():
-
-    return jax.jit(lambda a, shape: jax.image.resize(a, shape, "linear"), static_argnums=1)
-
-
 def predict_regions(
     weights: SegWeights,
     x: np.ndarray,
@@ -298,7 +279,10 @@ def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncert
     are never tumour; small stray components are dropped (`infer.keep_fraction`).
     """
 
-    w = weights if isinstance(weights, SegWeights) else load_weights(weights)
+    w = weights if isinstance(weights, (SegWeights, SliceWeights)) else load_weights(weights)
+    if isinstance(w, SliceWeights):
+        probs, spread, brain = w.probabilities(t1c, flair, spacing, brain_mask)
+        return probs_to_case_masks(probs, brain, w.config.keep_fraction), spread if uncertainty else None
     brain = brain_mask_from_images(t1c, flair) if brain_mask is None else np.asarray(brain_mask, bool)
     x = normalise(t1c, flair, brain)
     probs, unc = predict_regions(w, x, spacing, uncertainty=uncertainty, tta=tta)

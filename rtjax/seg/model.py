@@ -1,4 +1,4 @@
-"""The segmentation network: a 3-D U-Net in Flax NNX, T1c + FLAIR -> WT / TC / ET.
+"""The segmentation network: a 3-D or 2-D (2.5-D) U-Net in Flax NNX, T1c + FLAIR -> WT / TC / ET.
 
 Conventions
 -----------
@@ -64,8 +64,9 @@ class UNetConfig:
         groups: groups of the group norm (clipped to divide the width).
         deep_supervision: extra 1x1x1 heads on the coarser decoder levels (training only).
         dtype: computation dtype, "float32" or "bfloat16" (parameters stay float32).
-        in_channels: input channels (T1c, FLAIR).
+        in_channels: input channels (T1c, FLAIR; times the slices of a 2.5-D model).
         out_channels: region logits (WT, TC, ET).
+        spatial_dims: 3 (volumes, (b, X, Y, Z, C)) or 2 (slices, (b, X, Y, C)).
     """
 
     widths: tuple[int, ...] = (8, 16, 32, 64)
@@ -75,15 +76,22 @@ class UNetConfig:
     dtype: str = "float32"
     in_channels: int = 2
     out_channels: int = 3
+    spatial_dims: int = 3
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
         if len(self.widths) < 2:
             raise ValueError("a U-Net needs at least two levels (widths)")
         if self.norm not in ("group", "instance"):
             raise ValueError(f"norm must be 'group' or 'instance', got {self.norm!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    def kernel(self, side: int) -> tuple[int, ...]:
+        """A kernel of `side` voxels along every spatial axis."""
+        return (side,) * self.spatial_dims
 
     @property
     def divisor(self) -> int:
@@ -95,12 +103,12 @@ class UNetConfig:
 
 
 class _ConvNorm(nnx.Module):
-    """Conv (3^3, optional stride 2) -> group/instance norm -> leaky ReLU."""
+    """Conv (3 per axis, optional stride 2) -> group/instance norm -> leaky ReLU."""
 
     def __init__(self, cin: int, cout: int, cfg: UNetConfig, *, stride: int = 1, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         groups = cout if cfg.norm == "instance" else math.gcd(cfg.groups, cout)
-        self.conv = nnx.Conv(cin, cout, (3, 3, 3), strides=stride, dtype=dtype, rngs=rngs)
+        self.conv = nnx.Conv(cin, cout, cfg.kernel(3), strides=stride, dtype=dtype, rngs=rngs)
         self.norm = nnx.GroupNorm(cout, num_groups=groups, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
@@ -119,7 +127,8 @@ class _Level(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """3-D U-Net: (batch, X, Y, Z, in_channels) -> (batch, X, Y, Z, out_channels) logits.
+    """U-Net: (batch, X, Y, Z, in_channels) -> (batch, X, Y, Z, out_channels) logits (or
+    (batch, X, Y, C) slices with `spatial_dims` 2).
 
     Encoder level k > 0 starts with a stride-2 convolution; decoder levels upsample with a
     stride-2 transposed convolution, concatenate the skip and apply two convolutions.
@@ -135,14 +144,14 @@ class UNet(nnx.Module):
             for k in range(len(w))
         ])
         self.ups = nnx.List([
-            nnx.ConvTranspose(w[k + 1], w[k], (2, 2, 2), strides=2, dtype=dtype, rngs=rngs)
+            nnx.ConvTranspose(w[k + 1], w[k], cfg.kernel(2), strides=2, dtype=dtype, rngs=rngs)
             for k in range(len(w) - 1)
         ])
         self.decoder = nnx.List([_Level(2 * w[k], w[k], cfg, stride=1, rngs=rngs) for k in range(len(w) - 1)])
-        self.head = nnx.Conv(w[0], cfg.out_channels, (1, 1, 1), dtype=dtype, rngs=rngs)
+        self.head = nnx.Conv(w[0], cfg.out_channels, cfg.kernel(1), dtype=dtype, rngs=rngs)
         n_aux = len(w) - 2 if cfg.deep_supervision else 0
         self.aux_heads = nnx.List([
-            nnx.Conv(w[k], cfg.out_channels, (1, 1, 1), dtype=dtype, rngs=rngs) for k in range(1, 1 + n_aux)
+            nnx.Conv(w[k], cfg.out_channels, cfg.kernel(1), dtype=dtype, rngs=rngs) for k in range(1, 1 + n_aux)
         ])
 
     def features(self, x):

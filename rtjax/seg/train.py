@@ -42,7 +42,8 @@ from rtjax.ml import TrainCheckpoints, learning_rate_factor, save_weights
 from rtjax.provenance import run_metadata, write_json_atomic
 from rtjax.seg.config import SegConfig, config_to_dict, load_config
 from rtjax.seg.data import find_real_cases, load_real_case, resolve_data_root
-from rtjax.seg.infer import SegWeights, predict_regions, probs_to_case_masks, resample_to_shape, working_shape
+from rtjax.seg.grid import resample_to_shape, working_shape
+from rtjax.seg.infer import SegWeights, predict_regions, probs_to_case_masks
 from rtjax.seg.model import count_params, create_ensemble
 from rtjax.seg.synth import build_bank, load_bank, render_sample, save_bank
 

@@ -1,0 +1,259 @@
+"""Training of the 2.5-D model on real labelled cases, k-fold by patient, on a CPU.
+
+`train_slices(config, workdir)` finds the labelled cases (`rtjax.seg.cases`), caches them
+on the working grid (npz), and trains one U-Net per fold on the other folds' patients:
+random crops of axial slices (`crop` voxels, `tumour_fraction` of them through the tumour),
+flips, intensity scale/shift, gamma and noise; loss BCE + soft Dice over WT/TC/ET. Each fold
+checkpoints (orbax) every `checkpoint_seconds` and resumes from its latest checkpoint; the
+wall-clock budget `max_seconds` is split evenly over the folds. Then every held-out case is
+segmented by its fold's model and scored on its original grid (Dice, HD95 per region), and
+the fold models are exported as the ensemble (`workdir/weights`, the shipped layout).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rtjax.config import from_dict, read_yaml, to_dict
+from rtjax.io import load_image, load_tumour_masks
+from rtjax.metrics import dice, hausdorff95
+from rtjax.ml import TrainCheckpoints, save_weights
+from rtjax.provenance import write_json_atomic
+from rtjax.seg.data import resolve_data_root
+from rtjax.seg.cases import cached_case, find_labelled_cases, regions_of
+from rtjax.seg.model import REGIONS, UNet, keep_main_components, probs_to_masks
+from rtjax.seg.slices import ARCHITECTURE, SliceModelConfig, SliceWeights, context_slices, make_ensemble
+
+__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "train_slices"]
+
+
+@dataclass(frozen=True)
+class SliceTrainConfig:
+    """Training recipe.
+
+    Attributes:
+        data_root: folder searched for labelled cases (None: `RTJAX_DATA` / ../shared/data).
+        cache_dir: npz cache (None: workdir/cache).
+        folds: k of the k-fold split by patient (the k models are the shipped ensemble).
+        batch: slices per step.
+        crop: side of the square training crop, working voxels (multiple of the divisor).
+        steps: steps per fold (the budget may stop a fold earlier).
+        learning_rate: peak Adam learning rate (linear warm-up, cosine to 2 % of it).
+        warmup_steps: warm-up steps.
+        tumour_fraction: share of crops centred on a tumour voxel.
+        max_seconds: wall-clock budget of all folds together (None: `steps` only).
+        checkpoint_seconds: checkpoint interval.
+        log_every: steps between log lines.
+        seed: sampling and initialisation seed.
+    """
+
+    data_root: str | None = None
+    cache_dir: str | None = None
+    folds: int = 3
+    batch: int = 16
+    crop: int = 96
+    steps: int = 2000
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    tumour_fraction: float = 0.8
+    max_seconds: float | None = None
+    checkpoint_seconds: float = 180.0
+    log_every: int = 25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SliceSegConfig:
+    """A 2.5-D segmentation config (`configs/seg_cpu.yaml`)."""
+
+    architecture: str = ARCHITECTURE
+    version: str = "dev"
+    model: SliceModelConfig = field(default_factory=SliceModelConfig)
+    train: SliceTrainConfig = field(default_factory=SliceTrainConfig)
+
+    def __post_init__(self):
+        if self.architecture != ARCHITECTURE:
+            raise ValueError(f"architecture must be {ARCHITECTURE!r}")
+        if self.train.crop % self.model.unet.divisor:
+            raise ValueError(f"train.crop must be a multiple of {self.model.unet.divisor}")
+
+
+def load_slice_config(path) -> SliceSegConfig:
+    """Read a YAML 2.5-D config (overrides of the defaults); unknown keys are errors."""
+    return from_dict(SliceSegConfig, read_yaml(path), str(path))
+
+
+def fold_of(index: int, folds: int) -> int:
+    """Fold of the `index`-th case in name order (round robin: every fold mixes sources)."""
+    return index % folds
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _sample_batch(rng, cases, cfg: SliceSegConfig):
+    """(b, crop, crop, C) inputs and (b, crop, crop, 3) targets, crops of random slices."""
+    t, crop = cfg.train, cfg.train.crop
+    xs, ys = [], []
+    for _ in range(t.batch):
+        case = cases[rng.integers(len(cases))]
+        pool = case["tumour"] if rng.random() < t.tumour_fraction else case["brain"]
+        cx, cy, cz = pool[rng.integers(len(pool))]
+        x0 = int(np.clip(cx - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, case["x"].shape[1] - crop))
+        y0 = int(np.clip(cy - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, case["x"].shape[2] - crop))
+        xs.append(case["x"][cz, x0:x0 + crop, y0:y0 + crop])
+        ys.append(case["y"][cz, x0:x0 + crop, y0:y0 + crop])
+    return np.stack(xs), np.stack(ys).astype(np.float32)
+
+
+def _train_view(case, cfg: SliceSegConfig) -> dict:
+    """A case as slices padded to at least `crop` in-plane, with crop-centre pools."""
+    crop = cfg.train.crop
+    x = context_slices(case.x, cfg.model.context)
+    y = np.moveaxis(case.regions, 2, 0)
+    px, py = max(0, crop - x.shape[1]), max(0, crop - x.shape[2])
+    pads = ((0, 0), (px // 2, px - px // 2), (py // 2, py - py // 2), (0, 0))
+    x, y = np.pad(x, pads), np.pad(y, pads)
+    brain = np.pad(np.moveaxis(case.brain, 2, 0), pads[:3])
+    tumour = np.argwhere(y[..., 0])[:, [1, 2, 0]]
+    return {"x": x, "y": y, "tumour": tumour, "brain": np.argwhere(brain)[:, [1, 2, 0]]}
+
+
+def _augment(key, x, y):
+    """Flips, per-channel intensity scale/shift, gamma on the positive part, noise."""
+    kf1, kf2, ks, kb, kg, kn = jax.random.split(key, 6)
+    b, c = x.shape[0], x.shape[-1]
+    flip1 = jax.random.bernoulli(kf1, 0.5, (b, 1, 1, 1))
+    x, y = jnp.where(flip1, x[:, ::-1], x), jnp.where(flip1, y[:, ::-1], y)
+    flip2 = jax.random.bernoulli(kf2, 0.5, (b, 1, 1, 1))
+    x, y = jnp.where(flip2, x[:, :, ::-1], x), jnp.where(flip2, y[:, :, ::-1], y)
+    scale = jnp.exp(0.15 * jax.random.normal(ks, (b, 1, 1, c)))
+    shift = 0.15 * jax.random.normal(kb, (b, 1, 1, c))
+    gamma = jnp.exp(0.2 * jax.random.normal(kg, (b, 1, 1, c)))
+    inside = x != 0
+    x = jnp.where(x > 0, jnp.abs(x) ** gamma, x) * scale + shift
+    x = x + 0.05 * jax.random.normal(kn, x.shape)
+    return jnp.where(inside, x, 0.0), y
+
+
+def _loss(model, x, y):
+    logits = model(x)
+    bce = optax.sigmoid_binary_cross_entropy(logits, y).mean()
+    p = jax.nn.sigmoid(logits)
+    inter = (p * y).sum((0, 1, 2))
+    soft_dice = 1.0 - (2 * inter + 1.0) / (p.sum((0, 1, 2)) + y.sum((0, 1, 2)) + 1.0)
+    return bce + soft_dice.mean()
+
+
+def _make_step(graphdef, tx):
+    @jax.jit
+    def step(params, opt_state, key, x, y):
+        x, y = _augment(key, x, y)
+        value, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), x, y))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+    return step
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path, seconds: float | None, log):
+    t = cfg.train
+    graphdef, params = nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(t.seed + fold)))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
+                                                  t.learning_rate * 0.02)
+    tx = optax.adam(schedule)
+    opt_state = tx.init(params)
+    step_fn = _make_step(graphdef, tx)
+    with TrainCheckpoints(workdir / f"fold{fold}", keep=2) as ckpt:
+        step = ckpt.latest_step() or 0
+        if step:
+            params, opt_state = ckpt.restore(step, params, opt_state)
+            log(f"fold {fold}: resumed at step {step}")
+        rng = np.random.default_rng([t.seed, fold, step])
+        key = jax.random.key(t.seed * 1000 + fold)
+        start = last_ckpt = time.monotonic()
+        losses = []
+        while step < t.steps and (seconds is None or time.monotonic() - start < seconds):
+            x, y = _sample_batch(rng, cases, cfg)
+            params, opt_state, value = step_fn(params, opt_state, jax.random.fold_in(key, step), x, y)
+            step += 1
+            losses.append(float(value))
+            if step % t.log_every == 0:
+                rate = t.batch * len(losses) / (time.monotonic() - start)
+                log(f"fold {fold} step {step} loss {np.mean(losses[-t.log_every:]):.4f} ({rate:.1f} slices/s)")
+            if time.monotonic() - last_ckpt > t.checkpoint_seconds:
+                ckpt.save(step, params, opt_state)
+                last_ckpt = time.monotonic()
+        if step != ckpt.latest_step():
+            ckpt.save(step, params, opt_state)
+    return params, step
+
+
+def _score_case(weights: SliceWeights, case) -> dict:
+    """Dice and HD95 (mm) per region of one held-out case, on its original grid."""
+    t1c, flair = load_image(case.t1c), load_image(case.flair)
+    brain = load_image(case.brain_mask, kind="mask").data if case.brain_mask else None
+    masks, _ = load_tumour_masks(case.labels, case.convention)
+    probs, _, brain = weights.probabilities(t1c.data, flair.data, t1c.spacing, brain)
+    pred = keep_main_components(probs_to_masks(probs * brain[..., None]), weights.config.keep_fraction)
+    ref, got = regions_of(masks), regions_of(pred)
+    row = {"case": case.name}
+    for i, region in enumerate(REGIONS):
+        row[f"dice_{region}"] = dice(got[..., i], ref[..., i])
+        row[f"hd95_{region}"] = hausdorff95(got[..., i], ref[..., i], t1c.spacing)
+    return row
+
+
+def _stack(params_list):
+    return jax.tree.map(lambda *a: jnp.stack(a), *params_list)
+
+
+def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
+    """Train the k fold models, cross-validate, export `workdir/weights`; returns the summary."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    root = resolve_data_root(t.data_root)
+    if root is None:
+        raise FileNotFoundError("no data root: set train.data_root or RTJAX_DATA")
+    found = find_labelled_cases(root)
+    if len(found) < t.folds:
+        raise ValueError(f"{len(found)} labelled cases under {root}: fewer than {t.folds} folds")
+    cache = Path(t.cache_dir) if t.cache_dir else workdir / "cache"
+    log(f"{len(found)} labelled cases under {root}; caching on the {cfg.model.spacing} mm grid")
+    prepared = [cached_case(c, cfg.model.spacing, cache) for c in found]
+    views = [_train_view(p, cfg) for p in prepared]
+    seconds = None if t.max_seconds is None else t.max_seconds / t.folds
+    fold_params, steps, rows = [], [], []
+    for fold in range(t.folds):
+        train = [v for i, v in enumerate(views) if fold_of(i, t.folds) != fold]
+        params, step = _train_fold(fold, train, cfg, workdir, seconds, log)
+        fold_params.append(params)
+        steps.append(step)
+    graphdef = nnx.split(make_ensemble(cfg.model, t.folds))[0]
+    for fold, params in enumerate(fold_params):
+        one = SliceWeights(graphdef, _stack([params]), cfg.model, cfg.version)
+        held_out = [c for i, c in enumerate(found) if fold_of(i, t.folds) == fold]
+        for case in held_out:
+            rows.append({**_score_case(one, case), "fold": fold})
+            log(json.dumps(rows[-1]))
+    summary = {"folds": t.folds, "steps": steps, "cases": rows,
+               "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")}}
+    write_json_atomic(workdir / "cv.json", summary)
+    ensemble = nnx.merge(graphdef, _stack(fold_params))
+    config = to_dict(cfg)
+    config["model"]["members"] = t.folds
+    summary["weights"] = str(save_weights(workdir / "weights", ensemble, config, summary))
+    return summary
+

@@ -1,0 +1,125 @@
+"""The 2.5-D segmentation model: real-case loader on every layout, normalisation, slices,
+a tiny train -> checkpoint -> resume -> export -> segment round trip."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from rtjax.seg.cases import find_labelled_cases, prepare_case, robust_normalise
+from rtjax.seg.infer import load_weights, segment_arrays
+from rtjax.seg.slice_train import SliceSegConfig, SliceTrainConfig, fold_of, train_slices
+from rtjax.seg.slices import SliceModelConfig, SliceWeights, context_slices, predict_volume
+from rtjax.seg.model import UNetConfig
+
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _save(path, data):
+    nib.save(nib.Nifti1Image(np.asarray(data), AFFINE), str(path))
+
+
+def _synthetic_case(folder: Path, names: dict, et_label: int, seed: int = 0):
+    """A 32 x 32 x 16 case at 2 mm: a bright-rimmed tumour in a brain, raw int16 intensities
+    with a few 32767 outliers."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    g = np.indices((32, 32, 16)).astype(float)
+    r_brain = np.sqrt(((g[0] - 16) / 13) ** 2 + ((g[1] - 16) / 13) ** 2 + ((g[2] - 8) / 7) ** 2)
+    r = np.sqrt((g[0] - 14) ** 2 + (g[1] - 17) ** 2 + (2 * (g[2] - 8)) ** 2)
+    brain = r_brain < 1
+    labels = np.zeros((32, 32, 16), np.int16)
+    labels[(r < 9) & brain] = 2
+    labels[r < 5] = et_label
+    labels[r < 3] = 1
+    t1c = np.where(brain, 400 + 20 * rng.standard_normal(brain.shape), 0)
+    t1c[labels == et_label] += 500
+    flair = np.where(brain, 300 + 20 * rng.standard_normal(brain.shape), 0)
+    flair[labels > 0] += 400
+    t1c[16, 16, 8] = t1c[10, 12, 6] = 32767
+    _save(folder / names["t1c"], t1c.astype(np.int16))
+    _save(folder / names["flair"], flair.astype(np.int16))
+    _save(folder / names["seg"], labels)
+    return labels, brain
+
+
+BRATS21 = {"t1c": "P1_t1ce.nii.gz", "flair": "P1_flair.nii.gz", "seg": "P1_seg.nii.gz"}
+BRATS23 = {"t1c": "P2-t1c.nii.gz", "flair": "P2-t2f.nii.gz", "seg": "P2-seg.nii.gz"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelled")
+    truth = {"download/P1": _synthetic_case(root / "download" / "P1", BRATS21, 4, 0),
+             "P2": _synthetic_case(root / "P2", BRATS23, 3, 1)}
+    (root / "empty" / "nothing").mkdir(parents=True)
+    return root, truth
+
+
+def test_cases_are_found_in_both_brats_namings_with_their_label_conventions(cohort):
+    root, truth = cohort
+    cases = find_labelled_cases(root)
+    assert [c.name for c in cases] == ["P2", "download/P1"]
+    assert [c.convention for c in cases] == ["brats2023", "brats2021"]
+    for case in cases:
+        labels, brain = truth[case.name]
+        prepared = prepare_case(case, spacing_mm=2.0)  # already on the working grid
+        et = 3 if case.convention == "brats2023" else 4
+        np.testing.assert_array_equal(prepared.regions[..., 0], labels > 0)
+        np.testing.assert_array_equal(prepared.regions[..., 1], (labels == 1) | (labels == et))
+        np.testing.assert_array_equal(prepared.regions[..., 2], labels == et)
+        np.testing.assert_array_equal(prepared.brain, brain)
+        assert np.abs(prepared.x).max() < 6  # the 32767 outliers are clipped away
+
+
+def test_robust_normalisation_ignores_outliers_and_the_scanner_scale():
+    rng = np.random.default_rng(0)
+    brain = np.zeros((20, 20, 20), bool)
+    brain[2:18, 2:18, 2:18] = True
+    image = np.where(brain, 100 + 10 * rng.standard_normal(brain.shape), 0)
+    spiked = image.copy()
+    spiked[5, 5, 5] = 32767
+    a, b, c = (robust_normalise(i, brain) for i in (image, spiked, 30 * image))
+    np.testing.assert_allclose(c, a, atol=1e-5)
+    np.testing.assert_allclose(np.delete(b.ravel(), np.ravel_multi_index((5, 5, 5), b.shape)),
+                               np.delete(a.ravel(), np.ravel_multi_index((5, 5, 5), a.shape)), atol=0.02)
+    assert b[5, 5, 5] < 3.5 and np.all(a[~brain] == 0)
+    assert abs(a[brain].mean()) < 1e-5 and abs(a[brain].std() - 1) < 1e-4
+
+
+def test_context_slices_stack_neighbours_with_repeated_edges_and_predict_round_trips():
+    x = np.arange(3 * 4 * 5 * 2, dtype=np.float32).reshape(3, 4, 5, 2)
+    s = context_slices(x, 1)
+    assert s.shape == (5, 3, 4, 6)
+    np.testing.assert_array_equal(s[0], np.concatenate([x[:, :, 0], x[:, :, 0], x[:, :, 1]], -1))
+    np.testing.assert_array_equal(s[4], np.concatenate([x[:, :, 3], x[:, :, 4], x[:, :, 4]], -1))
+    # an `apply` that returns the centre slice's channels: the volume comes back unchanged
+    out = predict_volume(lambda b: b[..., 2:5], x, context=1, divisor=4, batch=2)
+    assert out.shape == (3, 4, 5, 3)
+    np.testing.assert_array_equal(out[..., :2], x)
+    assert fold_of(0, 3) == 0 and fold_of(4, 3) == 1
+
+
+def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path, capsys):
+    root, truth = cohort
+    model = SliceModelConfig(unet=UNetConfig(widths=(4, 8), norm="group", in_channels=10, spatial_dims=2),
+                             members=2, batch=8)
+    train = SliceTrainConfig(data_root=str(root), folds=2, batch=4, crop=16, steps=3, warmup_steps=1,
+                             log_every=1, learning_rate=1e-2)
+    cfg = SliceSegConfig(version="test", model=model, train=train)
+    first = train_slices(cfg, tmp_path / "run")
+    assert first["steps"] == [3, 3] and len(first["cases"]) == 2
+    assert {r["fold"] for r in first["cases"]} == {0, 1}
+    more = SliceSegConfig(version="test", model=model, train=SliceTrainConfig(**{**train.__dict__, "steps": 5}))
+    lines = []
+    second = train_slices(more, tmp_path / "run", log=lines.append)
+    assert "fold 0: resumed at step 3" in lines and second["steps"] == [5, 5]
+    weights = load_weights(tmp_path / "run" / "weights")
+    assert isinstance(weights, SliceWeights) and weights.version == "test"
+    assert weights.config.members == 2
+    labels, brain = truth["P2"]
+    masks, unc = segment_arrays(np.where(brain, 1.0, 0.0), np.where(brain, 1.0, 0.0), (2.0, 2.0, 2.0),
+                                brain_mask=brain, weights=weights, uncertainty=True)
+    assert masks.whole.shape == labels.shape and unc.shape == labels.shape
+    assert not (masks.whole & ~brain).any()
