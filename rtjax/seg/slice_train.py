@@ -33,7 +33,7 @@ from rtjax.seg.cases import cached_case, find_labelled_cases, regions_of
 from rtjax.seg.model import REGIONS, UNet, keep_main_components, probs_to_masks
 from rtjax.seg.slices import ARCHITECTURE, SliceModelConfig, SliceWeights, context_slices, make_ensemble
 
-__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "train_slices"]
+__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "train_slices", "cv_table"]
 
 
 @dataclass(frozen=True)
@@ -257,3 +257,18 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
     summary["weights"] = str(save_weights(workdir / "weights", ensemble, config, summary))
     return summary
 
+
+
+def cv_table(summary: dict) -> str:
+    """Markdown table of a `train_slices` summary: Dice and HD95 (mm) per held-out case, mean."""
+    head = "| case | fold | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | " + \
+        " | ".join(f"HD95 {r}" for r in REGIONS) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(REGIONS))]
+
+    def cells(row):
+        return " | ".join([f"{row[f'dice_{r}']:.3f}" for r in REGIONS] + [f"{row[f'hd95_{r}']:.1f}" for r in REGIONS])
+
+    for row in summary["cases"]:
+        lines.append(f"| {row['case']} | {row['fold']} | {cells(row)} |")
+    lines.append(f"| **mean** | | {cells(summary['mean'])} |")
+    return "\n".join(lines)
