@@ -196,5 +196,8 @@ def demo_summary(out_dir: str | Path) -> str:
         scores = json.loads(network.read_text())
         dice = scores["dice_against_seg"]
         lines.append(f"segmentation network {scores['weights_version']} on the rendered images: "
-                     f"Dice WT {dice['WT']:.3f}, TC {dice['TC']:.3f}, ET {dice['ET']:.3f}")
+                     f"Dice WT {dice['WT']:.3f}, TC {dice['TC']:.3f}, ET {dice['ET']:.3f} "
+                     "(trained on real MRI only, it is not made for these synthetic renderings; "
+                     "the fit above uses the case's own masks, as a user's case with a seg would; "
+                     "cross-validated on real cases: docs/segmentation.md)")
     return "\n".join(lines)
