@@ -27,8 +27,9 @@ import numpy as np
 from rtjax.anatomy import foreground
 from rtjax.errors import InputError
 from rtjax.io import check_same_grid, find_case_files, load_image, load_tumour_masks
-from rtjax.labels import TumourMasks
+from rtjax.seg.data import SOURCES
 from rtjax.seg.grid import resample_to_shape, working_shape
+from rtjax.seg.model import masks_to_regions
 
 __all__ = [
     "PREPROCESSING_VERSION",
@@ -37,7 +38,6 @@ __all__ = [
     "find_labelled_cases",
     "robust_normalise",
     "normalise_pair",
-    "regions_of",
     "prepare_case",
     "cached_case",
 ]
@@ -45,13 +45,6 @@ __all__ = [
 #: Bump when `prepare_case` changes: cached npz files of another version are rebuilt.
 PREPROCESSING_VERSION = 1
 PERCENTILES = (0.5, 99.5)
-
-# Fixed-name layouts of the shared data: (t1c, flair, labels, convention, brain mask) stems.
-_FIXED_LAYOUTS = (
-    ("T1c_subtrMeanDivStd", "Flair_subtrMeanDivStd", "OTMultiClass", "brats2015", "brainmask"),
-    ("t1c_bet", "fla_bet", "fusion_simple", "brats2021", None),
-)
-
 
 @dataclass(frozen=True)
 class LabelledCase:
@@ -97,11 +90,11 @@ def _nifti(folder: Path, stem: str) -> Path | None:
 
 def _case_in(folder: Path, root: Path) -> LabelledCase | None:
     name = folder.relative_to(root).as_posix()
-    for t1c, flair, labels, convention, brain in _FIXED_LAYOUTS:
-        files = [_nifti(folder, s) for s in (t1c, flair, labels)]
+    for spec in SOURCES.values():  # the fixed-name layouts of the shared data
+        files = [_nifti(folder, s) for s in (spec.t1c, spec.flair, spec.labels)]
         if all(files):
-            mask = _nifti(folder, brain) if brain else None
-            return LabelledCase(name, *files, convention, mask)
+            mask = _nifti(folder, spec.brain_mask) if spec.brain_mask else None
+            return LabelledCase(name, *files, spec.convention, mask)
     try:
         found = find_case_files(folder)
     except InputError:
@@ -157,11 +150,6 @@ def normalise_pair(t1c: np.ndarray, flair: np.ndarray, brain: np.ndarray | None 
     return np.stack([robust_normalise(t1c, brain), robust_normalise(flair, brain)], axis=-1), brain
 
 
-def regions_of(masks: TumourMasks) -> np.ndarray:
-    """(X, Y, Z, 3) bool WT, TC, ET of tumour masks."""
-    return np.stack([masks.whole, masks.core, masks.enhancing], axis=-1)
-
-
 def prepare_case(case: LabelledCase, spacing_mm: float = 2.0) -> PreparedCase:
     """Load, check (one grid), normalise and resample one case to the working grid.
 
@@ -176,7 +164,7 @@ def prepare_case(case: LabelledCase, spacing_mm: float = 2.0) -> PreparedCase:
     brain = images["brain_mask"].data if "brain_mask" in images else None
     x, brain = normalise_pair(images["t1c"].data, images["flair"].data, brain)
     shape = working_shape(x.shape[:3], images["t1c"].spacing, spacing_mm)
-    regions = regions_of(masks).astype(np.float32)
+    regions = masks_to_regions(masks)
     return PreparedCase(
         name=case.name,
         x=resample_to_shape(x, shape),

@@ -29,8 +29,9 @@ from rtjax.metrics import dice, hausdorff95
 from rtjax.ml import TrainCheckpoints, save_weights
 from rtjax.provenance import write_json_atomic
 from rtjax.seg.data import resolve_data_root
-from rtjax.seg.cases import cached_case, find_labelled_cases, regions_of
-from rtjax.seg.model import REGIONS, UNet, keep_main_components, probs_to_masks
+from rtjax.seg.cases import cached_case, find_labelled_cases
+from rtjax.seg.infer import segment_arrays
+from rtjax.seg.model import REGIONS, UNet, masks_to_regions
 from rtjax.seg.slices import ARCHITECTURE, SliceModelConfig, SliceWeights, context_slices, make_ensemble
 
 __all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "train_slices", "cv_table"]
@@ -167,14 +168,17 @@ def _make_step(graphdef, tx):
 # --------------------------------------------------------------------------- folds
 
 
-def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path, seconds: float | None, log):
+def _optimizer(t: SliceTrainConfig):
+    """Adam with linear warm-up and cosine decay to 2 % of the peak."""
+    return optax.adam(optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
+                                                         t.learning_rate * 0.02))
+
+
+def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path, seconds: float | None,
+                step_fn, log):
     t = cfg.train
-    graphdef, params = nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(t.seed + fold)))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
-                                                  t.learning_rate * 0.02)
-    tx = optax.adam(schedule)
-    opt_state = tx.init(params)
-    step_fn = _make_step(graphdef, tx)
+    params = nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(t.seed + fold)))[1]
+    opt_state = _optimizer(t).init(params)
     with TrainCheckpoints(workdir / f"fold{fold}", keep=2) as ckpt:
         step = ckpt.latest_step() or 0
         if step:
@@ -205,9 +209,8 @@ def _score_case(weights: SliceWeights, case) -> dict:
     t1c, flair = load_image(case.t1c), load_image(case.flair)
     brain = load_image(case.brain_mask, kind="mask").data if case.brain_mask else None
     masks, _ = load_tumour_masks(case.labels, case.convention)
-    probs, _, brain = weights.probabilities(t1c.data, flair.data, t1c.spacing, brain)
-    pred = keep_main_components(probs_to_masks(probs * brain[..., None]), weights.config.keep_fraction)
-    ref, got = regions_of(masks), regions_of(pred)
+    pred, _ = segment_arrays(t1c.data, flair.data, t1c.spacing, brain_mask=brain, weights=weights)
+    ref, got = masks_to_regions(masks) > 0.5, masks_to_regions(pred) > 0.5
     row = {"case": case.name}
     for i, region in enumerate(REGIONS):
         row[f"dice_{region}"] = dice(got[..., i], ref[..., i])
@@ -235,15 +238,17 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
     prepared = [cached_case(c, cfg.model.spacing, cache) for c in found]
     views = [_train_view(p, cfg) for p in prepared]
     seconds = None if t.max_seconds is None else t.max_seconds / t.folds
+    graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
+    step_fn = _make_step(graphdef, _optimizer(t))  # one compilation serves every fold
     fold_params, steps, rows = [], [], []
     for fold in range(t.folds):
         train = [v for i, v in enumerate(views) if fold_of(i, t.folds) != fold]
-        params, step = _train_fold(fold, train, cfg, workdir, seconds, log)
+        params, step = _train_fold(fold, train, cfg, workdir, seconds, step_fn, log)
         fold_params.append(params)
         steps.append(step)
-    graphdef = nnx.split(make_ensemble(cfg.model, t.folds))[0]
+    ensemble_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, t.folds)))[0]
     for fold, params in enumerate(fold_params):
-        one = SliceWeights(graphdef, _stack([params]), cfg.model, cfg.version)
+        one = SliceWeights(ensemble_def, _stack([params]), cfg.model, cfg.version)
         held_out = [c for i, c in enumerate(found) if fold_of(i, t.folds) == fold]
         for case in held_out:
             rows.append({**_score_case(one, case), "fold": fold})
@@ -251,7 +256,7 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
     summary = {"folds": t.folds, "steps": steps, "cases": rows,
                "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")}}
     write_json_atomic(workdir / "cv.json", summary)
-    ensemble = nnx.merge(graphdef, _stack(fold_params))
+    ensemble = nnx.merge(ensemble_def, _stack(fold_params))
     config = to_dict(cfg)
     config["model"]["members"] = t.folds
     summary["weights"] = str(save_weights(workdir / "weights", ensemble, config, summary))
