@@ -44,6 +44,7 @@ __all__ = [
     "CTVFamily",
     "constrained_ctv",
     "ctv_probability",
+    "cutoff_ctvs",
     "cutoff_sweep",
     "density_family",
     "euclidean_distance",
@@ -563,6 +564,13 @@ def margin_sweep(core, brain, spacing, margins_mm) -> np.ndarray:
         raise ValueError("margins_mm must be finite distances >= 0 mm")
     reach = float(margins.max()) if margins.size else 0.0
     return margin_family(core, brain, spacing, max_margin_mm=reach).volumes(margins)
+
+
+def cutoff_ctvs(density, brain, cutoffs) -> dict[float, np.ndarray]:
+    """Cutoff CTVs ``{c: density >= c inside the boolean brain}`` (X, Y, Z bool) for each
+    cutoff c (Metz et al.: fixed density thresholds instead of a fixed volume)."""
+    inside = np.where(np.asarray(brain, bool), np.asarray(density), 0)
+    return {float(c): inside >= c for c in cutoffs}
 
 
 def cutoff_sweep(density, cutoffs) -> np.ndarray:

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow  # the module's cohort takes ~1.5 min to generate 
 
 SHAPE = (25, 30, 24)
 CASE_FILES = {"seg", "wm", "gm", "csf", "brain_mask", "recurrence"}
-FAST = {"initial": "heuristic", "fit_iterations": 5}
+CUTOFFS = [0.01, 0.1]
+FAST = {"initial": "heuristic", "fit_iterations": 5, "cutoffs": CUTOFFS}
 SETTINGS = dict(seed=3, factor=8, run_options=FAST, progress=False)
 
 
@@ -98,6 +99,26 @@ def test_oracle_coverage_at_iso_volume_on_exact_arrays(study):
         relative = row["oracle_volume_ml"] / row["standard_volume_ml"]
         best = relative_coverage(evaluation.curves["oracle"], row["standard_volume_ml"], [relative])
         assert best[0] == row["oracle_coverage"]
+
+
+def test_cutoff_ctvs_on_exact_arrays_and_as_the_pipeline_reports_them(study):
+    out, evaluations = study
+    for evaluation in evaluations:
+        a, _ = _patient(out, evaluation.case)
+        brain, rec = a["brain_mask"] > 0, (a["recurrence"] > 0) & (a["brain_mask"] > 0)
+        oracle = evaluation.cutoffs["oracle"]
+        assert [c for c, _, _ in oracle] == CUTOFFS
+        for cutoff, volume, covered in oracle:
+            ctv = brain & (a["truth"] >= cutoff)
+            assert volume == pytest.approx(ctv.sum() * 0.512)
+            assert covered == (ctv & rec).sum() / rec.sum()
+        reported = json.loads((out / "results" / evaluation.case / "coverage.json").read_text())["cutoff_ctvs"]
+        assert [(e["cutoff"], e["volume_ml"], e["coverage"]) for e in reported] == \
+            [(c, pytest.approx(v), pytest.approx(cov)) for c, v, cov in evaluation.cutoffs["model"]]
+    with open(out / "cohort_study_cutoffs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["family"], float(r["cutoff"])) for r in rows] == [(f, c) for f in ("model", "oracle") for c in CUTOFFS]
+    assert float(rows[-1]["mean_coverage"]) == pytest.approx(np.mean([e.cutoffs["oracle"][1][2] for e in evaluations]))
 
 
 def test_tables_have_one_row_per_patient_and_the_rerun_resumes(study, data_dir):

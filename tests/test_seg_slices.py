@@ -3,13 +3,16 @@ a tiny train -> checkpoint -> resume -> export -> segment round trip."""
 
 from pathlib import Path
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
+from rtjax.config import read_yaml
 from rtjax.seg.cases import find_labelled_cases, prepare_case, robust_normalise
-from rtjax.seg.infer import load_weights, segment_arrays
-from rtjax.seg.slice_train import SliceSegConfig, SliceTrainConfig, fold_of, train_slices
+from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks, segment_arrays
+from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, choose_postprocessing, fold_of,
+                                   load_slice_config, train_slices, warm_start_params)
 from rtjax.seg.slices import SliceModelConfig, SliceWeights, context_slices, predict_volume
 from rtjax.seg.model import UNetConfig
 
@@ -123,3 +126,49 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
                                 brain_mask=brain, weights=weights, uncertainty=True)
     assert masks.whole.shape == labels.shape and unc.shape == labels.shape
     assert not (masks.whole & ~brain).any()
+    # warm start of a new workdir from the exported folds: member k initialises fold k
+    member1 = warm_start_params(tmp_path / "run" / "weights", more, 1)
+    np.testing.assert_array_equal(jax.tree.leaves(member1)[0], jax.tree.leaves(weights.params)[0][1])
+    warm = SliceSegConfig(version="test", model=model, train=SliceTrainConfig(
+        **{**train.__dict__, "steps": 2, "init_weights": str(tmp_path / "run" / "weights")}))
+    lines = []
+    train_slices(warm, tmp_path / "warm", log=lines.append)
+    assert f"fold 1: warm start from {tmp_path / 'run' / 'weights'}" in lines
+    with pytest.raises(ValueError, match="ensemble members"):
+        warm_start_params(tmp_path / "run" / "weights",
+                          SliceSegConfig(model=model, train=SliceTrainConfig(folds=3)), 0)
+
+
+def test_shipped_config_is_a_slices_config_with_the_shipped_architecture():
+    path = Path(__file__).parents[1] / "configs" / "seg_slices.yaml"
+    assert read_yaml(path)["architecture"] == "slices"  # what `rtjax train-seg` dispatches on
+    cfg = load_slice_config(path)
+    assert load_weights().config.unet == cfg.model.unet
+
+
+def test_postprocessing_drops_stray_components_and_relabels_a_small_enhancing_region():
+    probs = np.zeros((20, 20, 20, 3), np.float32)
+    probs[2:10, 2:10, 2:10, 0] = 0.9  # main tumour, 512 voxels
+    probs[4:8, 4:8, 4:8, 1] = 0.9  # core, 64 voxels
+    probs[5:7, 5:7, 5:7, 2] = 0.9  # enhancing, 8 voxels
+    probs[14:18, 14:18, 14:18, 0] = 0.9  # stray component, 64 voxels (1/8 of the main one)
+    brain = np.ones((20, 20, 20), bool)
+    kept = probs_to_case_masks(probs, brain, 0.1)
+    assert kept.whole.sum() == 512 + 64 and kept.enhancing.sum() == 8
+    main = probs_to_case_masks(probs, brain, 0.2)
+    assert main.whole.sum() == 512 and main.core.sum() == 64 and main.enhancing.sum() == 8
+    relabelled = probs_to_case_masks(probs, brain, 0.2, min_enhancing_voxels=9)
+    assert relabelled.enhancing.sum() == 0 and relabelled.necrosis.sum() == 64 and relabelled.core.sum() == 64
+    np.testing.assert_array_equal(relabelled.edema, main.edema)
+    assert probs_to_case_masks(probs, brain, 0.2, min_enhancing_voxels=8).enhancing.sum() == 8
+    assert enhancing_voxels(0.1, (1.0, 1.0, 1.0)) == 100 and enhancing_voxels(0.1, (2.0, 2.0, 3.0)) == 9
+    assert enhancing_voxels(0.0, (1.0, 1.0, 1.0)) == 0
+
+
+def test_postprocessing_choice_is_the_best_mean_dice_over_the_regions():
+    rows = {(0.2, 0.0): [{"dice_WT": 0.8, "dice_TC": 0.6, "dice_ET": 0.5}] * 2,
+            (1.0, 0.0): [{"dice_WT": 0.9, "dice_TC": 0.6, "dice_ET": 0.5}, {"dice_WT": 0.7, "dice_TC": 0.6, "dice_ET": 0.5}],
+            (1.0, 0.5): [{"dice_WT": 0.9, "dice_TC": 0.6, "dice_ET": 0.6}, {"dice_WT": 0.7, "dice_TC": 0.6, "dice_ET": 0.5}]}
+    assert choose_postprocessing(rows) == (1.0, 0.5)
+    rows.pop((1.0, 0.5))
+    assert choose_postprocessing(rows) == (0.2, 0.0)  # a tie goes to the first candidate

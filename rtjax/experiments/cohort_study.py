@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from growth.tensor import components_to_matrix, matrix_to_components
 from rtjax.atlas import atlas_tissue_paths
-from rtjax.ctv import density_family, margin_family
+from rtjax.ctv import cutoff_ctvs, density_family, margin_family
 from rtjax.data import data_root as default_data_root
 from rtjax.experiments.demo import grow_density, simulate_recurrence, visible_tumour, write_case
 from rtjax.fit import block_average
@@ -80,6 +80,7 @@ from rtjax.plotting import headless_pyplot, save_figure
 from rtjax.provenance import run_metadata, write_json_atomic, write_text_atomic
 from rtjax.simulate import Tissue, box_simulator, load_shape_tensor, load_tissue, resolve_origin
 from rtjax.study import case_coverage, exact_coverage_curve, paired_test
+from rtjax.study import coverage as coverage_of
 from rtjax.tensor_io import load_tensor_fa_peaks, resample_tensor, save_tensor_fsl
 
 __all__ = [
@@ -103,6 +104,8 @@ __all__ = [
     "TESTED",
     "cohort_tests",
     "summary_rows",
+    "cutoff_rows",
+    "format_cutoff_table",
     "write_study_outputs",
     "plot_cohort_study",
     "format_study_table",
@@ -445,6 +448,8 @@ class PatientEvaluation:
         arms: the other fitted arms (``anisotropic``, ``mismatch``) -> CaseCoverage.
         arm_fits: those arms' case summaries.
         dice: fitted family -> Dice of its density against the true one at DICE_LEVELS.
+        cutoffs: density family (fitted arms, oracle) -> [(cutoff, CTV volume mL, recurrence
+            coverage fraction)] of its cutoff CTVs (``density >= c`` in the brain).
     """
 
     case: str
@@ -456,6 +461,7 @@ class PatientEvaluation:
     arms: dict = field(default_factory=dict)
     arm_fits: dict = field(default_factory=dict)
     dice: dict = field(default_factory=dict)
+    cutoffs: dict = field(default_factory=dict)
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -523,10 +529,11 @@ def _arm_dir(out_dir: Path, arm: str) -> Path:
 
 
 def evaluate_patient(case_dir, result_dir, truth_dir, *, margin_mm: float = 15.0,
-                     arm_dirs: dict | None = None) -> PatientEvaluation:
+                     arm_dirs: dict | None = None, cutoffs: Sequence[float] = ()) -> PatientEvaluation:
     """Coverages and curves of one patient from its files: the case (seg, brain_mask,
     recurrence), the pipeline's fitted ``density.nii.gz`` (``result_dir``: the isotropic
-    arm; ``arm_dirs``: arm -> result folder of the other arms) and the true density."""
+    arm; ``arm_dirs``: arm -> result folder of the other arms) and the true density; with
+    `cutoffs`, the volume and coverage of every density's cutoff CTVs."""
 
     case_dir, result_dir, truth_dir = Path(case_dir), Path(result_dir), Path(truth_dir)
     _, _, masks, images = load_segmented_case(case_dir, labels="brats2021",
@@ -554,9 +561,14 @@ def evaluate_patient(case_dir, result_dir, truth_dir, *, margin_mm: float = 15.0
         fits[a]["anisotropy"] = params["fit"].get("anisotropic", {}).get("anisotropy")
     scores = {a: [dice(f.data >= lvl, truth.data >= lvl) for lvl in DICE_LEVELS]
               for a, f in fitted.items()}
+    in_brain = rec.astype(bool) & brain.astype(bool)
+    by_cutoff = {a: [(c, float(m.sum()) * vox, coverage_of(in_brain, m))
+                     for c, m in cutoff_ctvs(d, brain, cutoffs).items()]
+                 for a, d in {**{a: f.data for a, f in fitted.items()}, "oracle": truth.data}.items()}
     return PatientEvaluation(case=case_dir.name, model=coverages.pop("model"), oracle=oracle,
                              curves=curves, truth=record["patient"], fit=fits.pop("model"),
-                             arms=coverages, arm_fits=fits, dice=scores)
+                             arms=coverages, arm_fits=fits, dice=scores,
+                             cutoffs=by_cutoff if cutoffs else {})
 
 
 def relative_coverage(curve, standard_volume_ml: float, relative=RELATIVE_VOLUMES) -> np.ndarray:
@@ -647,6 +659,42 @@ def summary_rows(rows: Sequence[dict], families: Sequence[str] = FAMILIES) -> li
     return out
 
 
+def cutoff_rows(evaluations: Sequence[PatientEvaluation]) -> list[dict]:
+    """One row per density family and cutoff (Metz et al.'s design: CTVs at fixed density
+    cutoffs instead of a fixed volume): patients, mean / median CTV volume (mL) and mean /
+    median / min recurrence coverage (fractions), beside the 15 mm standard CTV's mean
+    volume and coverage over the same patients. Empty without cutoffs."""
+    with_cutoffs = [e for e in evaluations if e.cutoffs]
+    if not with_cutoffs:
+        return []
+    standard = {"standard_mean_volume_ml": float(np.mean([e.model.standard_volume_ml for e in with_cutoffs])),
+                "standard_mean_coverage": float(np.mean([e.model.standard_coverage for e in with_cutoffs]))}
+    rows = []
+    for fam in with_cutoffs[0].cutoffs:
+        for k, (cutoff, _, _) in enumerate(with_cutoffs[0].cutoffs[fam]):
+            volumes = [e.cutoffs[fam][k][1] for e in with_cutoffs]
+            covered = [e.cutoffs[fam][k][2] for e in with_cutoffs]
+            rows.append({"family": fam, "cutoff": cutoff, "patients": len(with_cutoffs),
+                         "mean_volume_ml": float(np.mean(volumes)), "median_volume_ml": float(np.median(volumes)),
+                         "mean_coverage": float(np.mean(covered)), "median_coverage": float(np.median(covered)),
+                         "min_coverage": float(np.min(covered)), **standard})
+    return rows
+
+
+def format_cutoff_table(rows: Sequence[dict]) -> str:
+    """Plain text of :func:`cutoff_rows` (volumes mL, coverages %)."""
+    if not rows:
+        return ""
+    lines = [f"{'family':12s} {'cutoff':>7s} {'mean mL':>8s} {'median mL':>9s} {'mean cov':>8s} "
+             f"{'median cov':>10s} {'min cov':>7s}"]
+    lines += [f"{r['family']:12s} {r['cutoff']:7g} {r['mean_volume_ml']:8.1f} {r['median_volume_ml']:9.1f} "
+              f"{100 * r['mean_coverage']:8.1f} {100 * r['median_coverage']:10.1f} {100 * r['min_coverage']:7.1f}"
+              for r in rows]
+    lines.append(f"{'standard':12s} {'15 mm':>7s} {rows[0]['standard_mean_volume_ml']:8.1f} {'':9s} "
+                 f"{100 * rows[0]['standard_mean_coverage']:8.1f}   (n = {rows[0]['patients']})")
+    return "\n".join(lines)
+
+
 def _csv_text(rows: Sequence[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -678,6 +726,8 @@ def write_study_outputs(out_dir, evaluations: Sequence[PatientEvaluation], *,
             "cases": [e.case for e in evaluations], "settings": settings or {},
             **run_metadata()}),
         "figure": plot_cohort_study(evaluations, out_dir / "cohort_study.png", title=title),
+        **({"cutoffs": write_text_atomic(out_dir / "cohort_study_cutoffs.csv", _csv_text(cutoffs))}
+           if (cutoffs := cutoff_rows(evaluations)) else {}),
     }
 
 
@@ -792,7 +842,8 @@ def format_study_table(evaluations: Sequence[PatientEvaluation]) -> str:
                 lines.append(f"Wilcoxon {name.replace('_', ' ')}, {where.replace('_', ' ')}: "
                              f"median difference {100 * test.median_difference:+.1f} points, "
                              f"p = {p} (n = {test.n}, {test.n_nonzero} non-zero){note}")
-    return "\n".join(lines)
+    by_cutoff = format_cutoff_table(cutoff_rows(evaluations))
+    return "\n".join(lines + (["", "cutoff CTVs (density >= c in the brain):", by_cutoff] if by_cutoff else []))
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
@@ -897,7 +948,8 @@ def run_cohort_study(
             if all((_arm_dir(out_dir, a) / name / "done.json").is_file() for a in arms)]
     evaluations = [evaluate_patient(out_dir / "cases" / name, out_dir / "results" / name,
                                     out_dir / "truth" / name, margin_mm=margin_mm,
-                                    arm_dirs={a: _arm_dir(out_dir, a) / name for a in arms[1:]})
+                                    arm_dirs={a: _arm_dir(out_dir, a) / name for a in arms[1:]},
+                                    cutoffs=options.get("cutoffs", ()))
                    for name in done]
     truth = "isotropic" if isotropic_truth else f"anisotropic (DTI, r = {anisotropy:g})"
     fits = "isotropic fit" if len(arms) == 1 else "isotropic and anisotropic fits"

@@ -64,7 +64,7 @@ from scipy.ndimage import binary_fill_holes
 from growth.fit import FitConfig
 from rtjax.anatomy import target_image
 from rtjax.config import to_dict
-from rtjax.ctv import ctv_probability, isovolumetric_cutoff, probability_ranked_ctv, standard_ctv
+from rtjax.ctv import ctv_probability, cutoff_ctvs, isovolumetric_cutoff, probability_ranked_ctv, standard_ctv
 from rtjax.dicom import DICOM_DIR, convert_case_dicom, has_dicom_series
 from rtjax.errors import InputError
 from rtjax.fit import CaseFit, fit_case, fit_ensemble
@@ -142,7 +142,7 @@ def _target_volumes(masks, images, density, spacing, margin_mm: float, cutoffs):
     except ValueError as err:
         raise ValueError(f"iso-volumetric model CTV: the fitted density cannot match the "
                          f"{margin_mm:g} mm standard CTV's volume: {err}") from None
-    return brain, inside, standard, cutoff, model, {c: inside >= c for c in cutoffs}
+    return brain, inside, standard, cutoff, model, cutoff_ctvs(inside, brain, cutoffs)
 
 
 def _probabilistic(ensemble, standard, brain, images, mm3) -> dict:

@@ -43,6 +43,7 @@ from rtjax.seg.model import (
     keep_main_components,
     normalise,
     probs_to_masks,
+    small_enhancing_to_necrosis,
 )
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "resample_to_shape",
     "predict_regions",
     "probs_to_case_masks",
+    "enhancing_voxels",
     "segment_arrays",
     "segment_case",
     "write_segmentation",
@@ -264,25 +266,37 @@ def predict_regions(
 # --------------------------------------------------------------------------- cases
 
 
-def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: float):
+def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: float,
+                        min_enhancing_voxels: int = 0):
     """Tumour masks of region probabilities (X, Y, Z, 3): none outside the boolean `brain`,
-    small stray components dropped (`keep_main_components`, skipped when `keep_fraction` is 0)."""
+    small stray components dropped (`keep_main_components`, skipped when `keep_fraction` is
+    0), an enhancing region of fewer than `min_enhancing_voxels` made necrosis
+    (`small_enhancing_to_necrosis`)."""
 
     masks = probs_to_masks(probs * brain[..., None])
-    return keep_main_components(masks, keep_fraction) if keep_fraction > 0 else masks
+    masks = keep_main_components(masks, keep_fraction) if keep_fraction > 0 else masks
+    return small_enhancing_to_necrosis(masks, min_enhancing_voxels)
+
+
+def enhancing_voxels(min_enhancing_ml: float, spacing) -> int:
+    """Voxels of `min_enhancing_ml` mL on a grid of voxel size `spacing` mm."""
+    return int(np.ceil(min_enhancing_ml * 1000.0 / float(np.prod(spacing))))
 
 
 def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncertainty=False, tta=None):
     """Tumour masks (and uncertainty) of raw or pre-normalised T1c/FLAIR arrays (canonical).
 
     Returns (TumourMasks, uncertainty (X, Y, Z) float32 or None). Voxels outside the brain
-    are never tumour; small stray components are dropped (`infer.keep_fraction`).
+    are never tumour; small stray components are dropped (`keep_fraction`), and for 2.5-D
+    weights an enhancing region below `min_enhancing_ml` becomes necrosis.
     """
 
     w = weights if isinstance(weights, (SegWeights, SliceWeights)) else load_weights(weights)
     if isinstance(w, SliceWeights):
         probs, spread, brain = w.probabilities(t1c, flair, spacing, brain_mask)
-        return probs_to_case_masks(probs, brain, w.config.keep_fraction), spread if uncertainty else None
+        masks = probs_to_case_masks(probs, brain, w.config.keep_fraction,
+                                    enhancing_voxels(w.config.min_enhancing_ml, spacing))
+        return masks, spread if uncertainty else None
     brain = brain_mask_from_images(t1c, flair) if brain_mask is None else np.asarray(brain_mask, bool)
     x = normalise(t1c, flair, brain)
     probs, unc = predict_regions(w, x, spacing, uncertainty=uncertainty, tta=tta)

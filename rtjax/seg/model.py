@@ -43,6 +43,7 @@ __all__ = [
     "nest_regions",
     "probs_to_masks",
     "keep_main_components",
+    "small_enhancing_to_necrosis",
     "masks_to_regions",
 ]
 
@@ -261,3 +262,14 @@ def keep_main_components(masks: TumourMasks, min_fraction: float = 0.2) -> Tumou
     keep_ids = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
     keep = np.isin(labels, keep_ids)
     return TumourMasks(necrosis=masks.necrosis & keep, enhancing=masks.enhancing & keep, edema=masks.edema & keep)
+
+
+def small_enhancing_to_necrosis(masks: TumourMasks, min_voxels: int) -> TumourMasks:
+    """BraTS post-processing: a predicted enhancing region of fewer than `min_voxels` voxels
+    in all is more often a false positive than a tiny enhancing tumour; it becomes necrosis
+    (the core is kept, ET emptied)."""
+
+    if min_voxels <= 0 or masks.enhancing.sum() >= min_voxels:
+        return masks
+    return TumourMasks(necrosis=masks.necrosis | masks.enhancing, enhancing=np.zeros_like(masks.enhancing),
+                       edema=masks.edema)

@@ -3,7 +3,7 @@
 `train_slices(config, workdir)` finds the labelled cases (`rtjax.seg.cases`), caches them
 on the working grid (npz), and trains one U-Net per fold on the other folds' patients:
 random crops of axial slices (`crop` voxels, `tumour_fraction` of them through the tumour),
-flips, intensity scale/shift, gamma and noise; loss BCE + soft Dice over WT/TC/ET. Each fold
+rotation/scaling, flips, bias field, intensity scale/shift, gamma and noise; loss BCE + soft Dice over WT/TC/ET. Each fold
 checkpoints (orbax) every `checkpoint_seconds` and resumes from its latest checkpoint; the
 wall-clock budget `max_seconds` is split evenly over the folds. Then every held-out case is
 segmented by its fold's model and scored on its original grid (Dice, HD95 per region), and
@@ -30,8 +30,8 @@ from rtjax.ml import TrainCheckpoints, save_weights
 from rtjax.provenance import write_json_atomic
 from rtjax.seg.data import resolve_data_root
 from rtjax.seg.cases import cached_case, find_labelled_cases
-from rtjax.seg.infer import segment_arrays
-from rtjax.seg.model import REGIONS, UNet, masks_to_regions
+from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks
+from rtjax.seg.model import REGIONS, UNet, masks_to_regions, small_enhancing_to_necrosis
 from rtjax.seg.slices import ARCHITECTURE, SliceModelConfig, SliceWeights, context_slices, make_ensemble
 
 __all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "train_slices", "cv_table"]
@@ -55,6 +55,12 @@ class SliceTrainConfig:
         checkpoint_seconds: checkpoint interval.
         log_every: steps between log lines.
         seed: sampling and initialisation seed.
+        init_weights: warm start: a 2.5-D weights folder whose member k initialises fold k
+            when the fold has no checkpoint yet (e.g. the shipped ``rtjax/weights/seg``, to
+            continue its training in a later session); None: random initialisation.
+        keep_fractions, min_enhancing_ml: post-processing candidates (`SliceModelConfig`);
+            the pair with the best mean held-out Dice goes into the exported weights (chosen
+            on the same held-out cases it is scored on: a small optimism, stated in cv.json).
     """
 
     data_root: str | None = None
@@ -70,11 +76,14 @@ class SliceTrainConfig:
     checkpoint_seconds: float = 180.0
     log_every: int = 25
     seed: int = 0
+    init_weights: str | None = None
+    keep_fractions: tuple[float, ...] = (0.2,)
+    min_enhancing_ml: tuple[float, ...] = (0.0,)
 
 
 @dataclass(frozen=True)
 class SliceSegConfig:
-    """A 2.5-D segmentation config (`configs/seg_cpu.yaml`)."""
+    """A 2.5-D segmentation config (`configs/seg_slices.yaml`)."""
 
     architecture: str = ARCHITECTURE
     version: str = "dev"
@@ -129,10 +138,41 @@ def _train_view(case, cfg: SliceSegConfig) -> dict:
     return {"x": x, "y": y, "tumour": tumour, "brain": np.argwhere(brain)[:, [1, 2, 0]]}
 
 
+def _warp(key, x, y, max_degrees: float = 15.0, max_log_scale: float = 0.15):
+    """Random in-plane rotation and isotropic scaling about the crop centre (bilinear; the
+    targets become soft at edges), one transform per sample of (b, X, Y, C) `x` and `y`."""
+    b, nx, ny = x.shape[:3]
+    ka, ks = jax.random.split(key)
+    angle = jnp.deg2rad(max_degrees) * jax.random.uniform(ka, (b,), minval=-1.0, maxval=1.0)
+    scale = jnp.exp(max_log_scale * jax.random.uniform(ks, (b,), minval=-1.0, maxval=1.0))
+    gx, gy = jnp.meshgrid(jnp.arange(nx) - (nx - 1) / 2, jnp.arange(ny) - (ny - 1) / 2, indexing="ij")
+
+    def one(image, a, s):
+        cos, sin = jnp.cos(a) / s, jnp.sin(a) / s
+        coords = [cos * gx - sin * gy + (nx - 1) / 2, sin * gx + cos * gy + (ny - 1) / 2]
+        sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, coords, order=1, cval=0.0)
+        return jax.vmap(sample, in_axes=-1, out_axes=-1)(image)
+
+    warp = jax.vmap(one)
+    return warp(x, angle, scale), warp(y, angle, scale)
+
+
+def _bias_field(key, shape, strength: float = 0.3):
+    """Smooth multiplicative fields (b, X, Y, C): exp of a random linear + quadratic
+    polynomial in normalised in-plane coordinates, ~`strength` in log-amplitude."""
+    b, nx, ny, c = shape
+    u, v = jnp.meshgrid(jnp.linspace(-1, 1, nx), jnp.linspace(-1, 1, ny), indexing="ij")
+    basis = jnp.stack([u, v, u * v, u ** 2 - 1 / 3, v ** 2 - 1 / 3])  # (5, X, Y)
+    coeff = strength / 2 * jax.random.normal(key, (b, c, 5))
+    return jnp.exp(jnp.einsum("bck,kxy->bxyc", coeff, basis))
+
+
 def _augment(key, x, y):
-    """Flips, per-channel intensity scale/shift, gamma on the positive part, noise."""
-    kf1, kf2, ks, kb, kg, kn = jax.random.split(key, 6)
+    """Rotation/scaling, flips, bias field, per-channel intensity scale/shift, gamma on the
+    positive part, noise (inputs are brain z-scores, 0 outside the brain)."""
+    kw, kf1, kf2, ks, kb, kg, kn, kbias = jax.random.split(key, 8)
     b, c = x.shape[0], x.shape[-1]
+    x, y = _warp(kw, x, y)
     flip1 = jax.random.bernoulli(kf1, 0.5, (b, 1, 1, 1))
     x, y = jnp.where(flip1, x[:, ::-1], x), jnp.where(flip1, y[:, ::-1], y)
     flip2 = jax.random.bernoulli(kf2, 0.5, (b, 1, 1, 1))
@@ -141,7 +181,8 @@ def _augment(key, x, y):
     shift = 0.15 * jax.random.normal(kb, (b, 1, 1, c))
     gamma = jnp.exp(0.2 * jax.random.normal(kg, (b, 1, 1, c)))
     inside = x != 0
-    x = jnp.where(x > 0, jnp.abs(x) ** gamma, x) * scale + shift
+    x = jnp.where(x > 0, jnp.abs(x) ** gamma, x)
+    x = x * scale * _bias_field(kbias, x.shape) + shift
     x = x + 0.05 * jax.random.normal(kn, x.shape)
     return jnp.where(inside, x, 0.0), y
 
@@ -174,6 +215,20 @@ def _optimizer(t: SliceTrainConfig):
                                                          t.learning_rate * 0.02))
 
 
+def warm_start_params(path, cfg: SliceSegConfig, fold: int):
+    """Parameters of member `fold` of the 2.5-D weights folder `path`, checked against the
+    architecture of `cfg` (same U-Net, one member per fold)."""
+    weights = load_weights(path)
+    if not isinstance(weights, SliceWeights) or weights.config.unet != cfg.model.unet:
+        raise ValueError(f"{path}: train.init_weights must be 2.5-D weights with the same U-Net "
+                         f"as the config ({cfg.model.unet})")
+    members = jax.tree.leaves(weights.params)[0].shape[0]
+    if members != cfg.train.folds:
+        raise ValueError(f"{path}: {members} ensemble members, but the config trains "
+                         f"{cfg.train.folds} folds (member k warm-starts fold k)")
+    return jax.tree.map(lambda a: jnp.asarray(a[fold]), weights.params)
+
+
 def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path, seconds: float | None,
                 step_fn, log):
     t = cfg.train
@@ -184,6 +239,9 @@ def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path
         if step:
             params, opt_state = ckpt.restore(step, params, opt_state)
             log(f"fold {fold}: resumed at step {step}")
+        elif t.init_weights:
+            params = warm_start_params(t.init_weights, cfg, fold)
+            log(f"fold {fold}: warm start from {t.init_weights}")
         rng = np.random.default_rng([t.seed, fold, step])
         key = jax.random.key(t.seed * 1000 + fold)
         start = last_ckpt = time.monotonic()
@@ -204,18 +262,77 @@ def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path
     return params, step
 
 
-def _score_case(weights: SliceWeights, case) -> dict:
-    """Dice and HD95 (mm) per region of one held-out case, on its original grid."""
+def _held_out_probabilities(weights: SliceWeights, case, path: Path):
+    """Region probabilities (X, Y, Z, 3), brain mask and reference region masks of a held-out
+    case on its original grid; the probabilities are cached in `path` (float16 npz)."""
     t1c, flair = load_image(case.t1c), load_image(case.flair)
     brain = load_image(case.brain_mask, kind="mask").data if case.brain_mask else None
     masks, _ = load_tumour_masks(case.labels, case.convention)
-    pred, _ = segment_arrays(t1c.data, flair.data, t1c.spacing, brain_mask=brain, weights=weights)
-    ref, got = masks_to_regions(masks) > 0.5, masks_to_regions(pred) > 0.5
-    row = {"case": case.name}
+    if path.is_file():
+        with np.load(path) as stored:
+            probs, brain = stored["probs"].astype(np.float32), stored["brain"]
+    else:
+        probs, _, brain = weights.probabilities(t1c.data, flair.data, t1c.spacing, brain)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path.with_suffix(".tmp.npz"), probs=probs.astype(np.float16), brain=brain)
+        path.with_suffix(".tmp.npz").replace(path)
+    return probs, brain, masks_to_regions(masks) > 0.5, t1c.spacing
+
+
+def _postprocessed_regions(probs, brain, spacing, keep_fraction: float, min_enhancing_ml: float):
+    masks = probs_to_case_masks(probs, brain, keep_fraction, enhancing_voxels(min_enhancing_ml, spacing))
+    return masks_to_regions(masks) > 0.5
+
+
+def _score(got, ref, spacing, with_hd95: bool = True) -> dict:
+    """Dice (and HD95, mm) per region of boolean (X, Y, Z, 3) region masks."""
+    row = {}
     for i, region in enumerate(REGIONS):
         row[f"dice_{region}"] = dice(got[..., i], ref[..., i])
-        row[f"hd95_{region}"] = hausdorff95(got[..., i], ref[..., i], t1c.spacing)
+        if with_hd95:
+            row[f"hd95_{region}"] = hausdorff95(got[..., i], ref[..., i], spacing)
     return row
+
+
+def choose_postprocessing(dice_rows: dict[tuple[float, float], list[dict]]) -> tuple[float, float]:
+    """The (keep_fraction, min_enhancing_ml) whose held-out cases have the highest mean Dice
+    over WT, TC and ET; ties go to the first candidate."""
+    def mean_dice(rows):
+        return float(np.mean([[r[f"dice_{region}"] for region in REGIONS] for r in rows]))
+    return max(dice_rows, key=lambda k: mean_dice(dice_rows[k]))
+
+
+def _cross_validate(cfg: SliceSegConfig, found, fold_params, steps, ensemble_def, workdir: Path, log):
+    """Score every held-out case with its fold's model under each post-processing candidate
+    (Dice), choose the best by mean Dice, then score that choice with HD95 too. Returns
+    (rows of the chosen post-processing, {candidate: mean Dice per region}, the choice)."""
+    t = cfg.train
+    candidates = [(float(k), float(e)) for k in t.keep_fractions for e in t.min_enhancing_ml]
+    cases = []
+    for fold, params in enumerate(fold_params):
+        one = SliceWeights(ensemble_def, _stack([params]), cfg.model, cfg.version)
+        for i, case in enumerate(found):
+            if fold_of(i, t.folds) == fold:
+                cache = workdir / "cv_probs" / f"case{i:03d}_fold{fold}_step{steps[fold]}.npz"
+                cases.append((case, fold, _held_out_probabilities(one, case, cache)))
+                log(f"held-out probabilities: {case.name} (fold {fold})")
+    dice_rows = {c: [] for c in candidates}
+    for case, fold, (probs, brain, ref, spacing) in cases:
+        for keep in t.keep_fractions:
+            kept = probs_to_case_masks(probs, brain, float(keep))
+            for et_ml in t.min_enhancing_ml:
+                masks = small_enhancing_to_necrosis(kept, enhancing_voxels(et_ml, spacing))
+                dice_rows[(float(keep), float(et_ml))].append(_score(masks_to_regions(masks) > 0.5, ref, spacing, False))
+    choice = choose_postprocessing(dice_rows)
+    rows = []
+    for case, fold, (probs, brain, ref, spacing) in cases:
+        rows.append({"case": case.name, **_score(_postprocessed_regions(probs, brain, spacing, *choice), ref, spacing),
+                     "fold": fold})
+        log(json.dumps(rows[-1]))
+    tuning = {f"keep_fraction={k:g} min_enhancing_ml={e:g}":
+              {r: float(np.mean([row[f"dice_{r}"] for row in dice_rows[(k, e)]])) for r in REGIONS}
+              for k, e in candidates}
+    return rows, tuning, choice
 
 
 def _stack(params_list):
@@ -247,18 +364,15 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
         fold_params.append(params)
         steps.append(step)
     ensemble_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, t.folds)))[0]
-    for fold, params in enumerate(fold_params):
-        one = SliceWeights(ensemble_def, _stack([params]), cfg.model, cfg.version)
-        held_out = [c for i, c in enumerate(found) if fold_of(i, t.folds) == fold]
-        for case in held_out:
-            rows.append({**_score_case(one, case), "fold": fold})
-            log(json.dumps(rows[-1]))
+    rows, tuning, (keep, et_ml) = _cross_validate(cfg, found, fold_params, steps, ensemble_def, workdir, log)
+    log(f"post-processing chosen on the held-out cases: keep_fraction {keep:g}, min_enhancing_ml {et_ml:g}")
     summary = {"folds": t.folds, "steps": steps, "cases": rows,
-               "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")}}
+               "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")},
+               "postprocessing": {"keep_fraction": keep, "min_enhancing_ml": et_ml, "mean_dice": tuning}}
     write_json_atomic(workdir / "cv.json", summary)
     ensemble = nnx.merge(ensemble_def, _stack(fold_params))
     config = to_dict(cfg)
-    config["model"]["members"] = t.folds
+    config["model"].update(members=t.folds, keep_fraction=keep, min_enhancing_ml=et_ml)
     summary["weights"] = str(save_weights(workdir / "weights", ensemble, config, summary))
     return summary
 

@@ -49,6 +49,8 @@ class SliceModelConfig:
         members: ensemble members (the cross-validation folds).
         keep_fraction: post-processing: whole-tumour components smaller than this fraction
             of the largest are dropped.
+        min_enhancing_ml: post-processing: a predicted enhancing region smaller than this
+            in all, mL, becomes necrosis (0: never).
         batch: slices per network call at inference.
     """
 
@@ -57,6 +59,7 @@ class SliceModelConfig:
     spacing: float = 2.0
     members: int = 3
     keep_fraction: float = 0.2
+    min_enhancing_ml: float = 0.0
     batch: int = 32
 
     def __post_init__(self):
