@@ -121,6 +121,8 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
     weights = load_weights(tmp_path / "run" / "weights")
     assert isinstance(weights, SliceWeights) and weights.version == "test"
     assert weights.config.members == 2
+    card = (tmp_path / "run" / "weights" / "MODEL_CARD.md").read_text()
+    assert "`test`" in card and card.count("| P2 | 0 |") == 1 and "| **mean** |" in card
     labels, brain = truth["P2"]
     masks, unc = segment_arrays(np.where(brain, 1.0, 0.0), np.where(brain, 1.0, 0.0), (2.0, 2.0, 2.0),
                                 brain_mask=brain, weights=weights, uncertainty=True)

@@ -373,8 +373,52 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
     ensemble = nnx.merge(ensemble_def, _stack(fold_params))
     config = to_dict(cfg)
     config["model"].update(members=t.folds, keep_fraction=keep, min_enhancing_ml=et_ml)
-    summary["weights"] = str(save_weights(workdir / "weights", ensemble, config, summary))
+    summary["weights"] = str(save_weights(workdir / "weights", ensemble, config, summary,
+                                          model_card=model_card(cfg, summary, [c.name for c in found])))
     return summary
+
+
+def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
+    """MODEL_CARD.md of exported 2.5-D weights: architecture, training, the post-processing
+    chosen, the cross-validation table (`cv_table`) and the limits."""
+    m, t, pp = cfg.model, cfg.train, summary["postprocessing"]
+    sources = {}
+    for name in cases:
+        sources[name.split("/")[0]] = sources.get(name.split("/")[0], 0) + 1
+    mean = summary["mean"]
+    return f"""# Segmentation model `{cfg.version}` (rtjax.seg)
+
+**What it is.** An ensemble of {t.folds} 2-D U-Nets (`rtjax.seg.model.UNet`, `spatial_dims: 2`,
+widths {list(m.unet.widths)}, {m.unet.norm} norm) on axial slices at {m.spacing:g} mm with
+{m.context} neighbouring slices on each side as channels (T1c + FLAIR, {m.unet.in_channels}
+channels), predicting the nested regions WT, TC, ET (sigmoids); members averaged and
+thresholded at 0.5. Post-processing, chosen by held-out Dice among
+keep_fraction {list(t.keep_fractions)} x min_enhancing_ml {list(t.min_enhancing_ml)}:
+whole-tumour components below {pp['keep_fraction']:g} of the largest dropped, an enhancing
+region below {pp['min_enhancing_ml']:g} mL in all made necrosis. Config: `config.yaml`
+(`architecture: slices`).
+
+**Training.** `rtjax train-seg configs/seg_slices.yaml --workdir runs/seg_slices` on a 2-core
+CPU: one model per fold of a {t.folds}-fold split by patient of the {len(cases)} real labelled
+cases ({", ".join(f"{k} {v}" for k, v in sources.items())}), trained on the other folds only;
+{"/".join(str(s) for s in summary["steps"])} steps of {t.batch} random {t.crop} x {t.crop} slice
+crops ({t.tumour_fraction:.0%} through the tumour); BCE + soft Dice; rotation/scaling, flips,
+bias field, intensity scale/shift, gamma, noise. The members are the fold models.
+
+**Cross-validation** (each case scored by the fold model that never saw it, on its original
+grid; Dice, HD95 in mm; TCGA-FG-6692 against the algorithm fusion): mean Dice WT
+{mean['dice_WT']:.3f}, TC {mean['dice_TC']:.3f}, ET {mean['dice_ET']:.3f}. The post-processing was
+chosen on these same held-out cases (two parameters), a small optimism.
+
+{cv_table(summary)}
+
+**Limits.** Below BraTS-level accuracy (targets WT 0.85, TC 0.75, ET 0.70); stray
+false-positive components far from the tumour on some cases; small enhancing regions
+missed. Trained on {len(cases)} skull-stripped pre-operative cases in BraTS space: other
+preprocessing, post-operative scans and other tumour types are untested. Check the masks
+(`python -m rtjax.seg.figure`) before using them for a fit; give `rtjax run` an expert
+`seg` when you have one.
+"""
 
 
 
