@@ -174,3 +174,15 @@ def test_postprocessing_choice_is_the_best_mean_dice_over_the_regions():
     assert choose_postprocessing(rows) == (1.0, 0.5)
     rows.pop((1.0, 0.5))
     assert choose_postprocessing(rows) == (0.2, 0.0)  # a tie goes to the first candidate
+
+
+def test_uncertainty_table_reports_the_rank_correlation_of_uncertainty_and_dice():
+    from rtjax.experiments.seg_uncertainty import format_uncertainty_table
+
+    rows = [{"case": f"c{i}", "network_wt_ml": 10.0 * i, "reference_wt_ml": 9.0, "dice_wt": d,
+             "mean_uncertainty_in_wt": u} for i, (d, u) in enumerate([(0.9, 0.05), (0.5, 0.2), (0.7, 0.1)])]
+    rows.append({"case": "unlabelled", "network_wt_ml": 3.0, "reference_wt_ml": None, "dice_wt": None,
+                 "mean_uncertainty_in_wt": 0.3})
+    text = format_uncertainty_table(rows)
+    assert "| c1 | 10.0 | 9.0 | 0.500 | 0.200 |" in text and "| unlabelled | 3.0 |  |  | 0.300 |" in text
+    assert "Spearman correlation of uncertainty and Dice WT: -1.00" in text and "n = 3" in text
