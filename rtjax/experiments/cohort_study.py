@@ -734,7 +734,7 @@ def write_study_outputs(out_dir, evaluations: Sequence[PatientEvaluation], *,
 _COLOURS = {"standard": "tab:orange", "model": "tab:blue", "anisotropic": "tab:purple",
             "mismatch": "tab:brown", "oracle": "tab:green"}
 _TICKS = {"standard": "standard\n(margin)", "model": "model\n(isotropic fit)",
-          "anisotropic": "model\n(anisotropic fit)", "mismatch": "model\n(aniso., noisy DTI)",
+          "anisotropic": "model\n(anisotropic\nfit)", "mismatch": "model\n(anisotropic,\nnoisy DTI)",
           "oracle": "oracle\n(true density)"}
 
 
