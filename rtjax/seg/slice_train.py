@@ -386,6 +386,9 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
     for name in cases:
         sources[name.split("/")[0]] = sources.get(name.split("/")[0], 0) + 1
     mean = summary["mean"]
+    et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
+               if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
+               "(the size rule did not raise the held-out Dice)")
     return f"""# Segmentation model `{cfg.version}` (rtjax.seg)
 
 **What it is.** An ensemble of {t.folds} 2-D U-Nets (`rtjax.seg.model.UNet`, `spatial_dims: 2`,
@@ -394,9 +397,8 @@ widths {list(m.unet.widths)}, {m.unet.norm} norm) on axial slices at {m.spacing:
 channels), predicting the nested regions WT, TC, ET (sigmoids); members averaged and
 thresholded at 0.5. Post-processing, chosen by held-out Dice among
 keep_fraction {list(t.keep_fractions)} x min_enhancing_ml {list(t.min_enhancing_ml)}:
-whole-tumour components below {pp['keep_fraction']:g} of the largest dropped, an enhancing
-region below {pp['min_enhancing_ml']:g} mL in all made necrosis. Config: `config.yaml`
-(`architecture: slices`).
+whole-tumour components below {pp['keep_fraction']:g} of the largest dropped, {et_rule}.
+Config: `config.yaml` (`architecture: slices`).
 
 **Training.** `rtjax train-seg configs/seg_slices.yaml --workdir runs/seg_slices` on a 2-core
 CPU: one model per fold of a {t.folds}-fold split by patient of the {len(cases)} real labelled
