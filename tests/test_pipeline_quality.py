@@ -78,12 +78,12 @@ def test_assess_quality_says_why_in_plain_words():
     good = assess_quality(_info(), core, (1, 1, 1))
     assert good["quality"] == "good" and good["reasons"] == []
     assert good["checks"]["core_foci"] == 1 and good["checks"]["min_dice"] == MIN_DICE
-    poor = assess_quality({**_info(), "dice_edema": 0.13}, core, (1, 1, 1), seg_uncertainty=0.22)
+    poor = assess_quality({**_info(), "dice_edema": 0.13}, core, (1, 1, 1), seg_uncertainty=0.32)
     assert poor["quality"] == "poor"
     assert poor["reasons"] == [
         "the growth model reproduces the segmented edema poorly (Dice 0.13, below 0.7)",
-        "the network segmentation is uncertain (mean uncertainty 0.220 inside the tumour, above "
-        "0.12); check segmentation.nii.gz or give a seg"]
+        "the network segmentation is uncertain (mean uncertainty 0.320 inside the tumour, above "
+        "0.25); check segmentation.nii.gz or give a seg"]
     assert assess_quality(_info(), core, (1, 1, 1), seg_uncertainty=0.05)["quality"] == "good"
     unc = np.zeros((20, 20, 20), np.float32)
     unc[core] = 0.3
