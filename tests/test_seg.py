@@ -242,22 +242,35 @@ def test_segment_case_errors(tmp_path, phantom):
         infer.segment_case(folder)
 
 
-def test_run_segments_a_case_without_seg(tmp_path, phantom):
-    """`rtjax run` on a case with images and tissue but no seg uses the shipped network."""
+def test_run_segments_a_case_without_seg(tmp_path, data_dir):
+    """`rtjax run` on a case with images and tissue but no seg uses the shipped network: a real
+    BraTS case (brats2015 pat0001, every second voxel: a 2 mm grid) with flat tissue maps
+    inside its brain mask (the shipped network is trained on real MRI and finds nothing on
+    synthetic renderings)."""
     import json
 
     import nibabel as nib
 
     from rtjax.pipeline import run_case
 
-    case = _write_case(tmp_path / "case", phantom)
-    for name in ("wm", "gm"):
-        data = np.flip(phantom[name], axis=(0, 1)).astype(np.float32)
-        nib.save(nib.Nifti1Image(data, np.diag([-2.0, -2.0, 2.0, 1.0])), case / f"{name}.nii.gz")
+    source = data_dir / "brats2015" / "brats_2013_pat0001_1"
+    case = tmp_path / "case"
+    case.mkdir()
+    files = {"t1c": "T1c_subtrMeanDivStd.nii.gz", "flair": "Flair_subtrMeanDivStd.nii.gz",
+             "brain_mask": "brainmask.nii.gz"}
+    for role, name in files.items():
+        img = nib.load(source / name)
+        data = np.asarray(img.dataobj, np.float32)[::2, ::2, ::2]
+        nib.save(nib.Nifti1Image(data, img.affine @ np.diag([2.0, 2.0, 2.0, 1.0])), case / f"{role}.nii.gz")
+    brain = nib.load(case / "brain_mask.nii.gz")
+    inside = np.asarray(brain.dataobj) > 0
+    for name, fraction in (("wm", 0.6), ("gm", 0.4)):
+        nib.save(nib.Nifti1Image(np.where(inside, fraction, 0.0).astype(np.float32), brain.affine), case / f"{name}.nii.gz")
     with pytest.warns(UserWarning, match="no seg; segmented from t1c and flair"):
         run_case(case, tmp_path / "out", labels="brats2021", initial="heuristic", fit_iterations=5,
                  margin_mm=10.0, progress=False)
     label_array, _, ref = infer.segment_case(case)
+    assert np.isin(label_array, (1, 4)).sum() > 0  # a core to grow the CTV from
     direct = infer.write_segmentation(tmp_path / "direct", label_array, None, ref)[0]
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / "segmentation.nii.gz").dataobj),
                                   np.asarray(nib.load(direct).dataobj))
