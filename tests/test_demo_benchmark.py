@@ -14,6 +14,7 @@ from rtjax.cli import app
 from rtjax.experiments.benchmark import benchmark_solver, format_table
 from rtjax.experiments.demo import DEMO_PATIENT, demo_summary, run_demo
 from rtjax.metrics import dice
+from rtjax.seg.infer import DEFAULT_WEIGHTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,9 @@ def test_demo_runs_the_pipeline_on_the_synthetic_patient(tmp_path):
     network = json.loads((out / "network_segmentation" / "network.json").read_text())
     found = np.asarray(nib.load(out / "network_segmentation" / "segmentation.nii.gz").dataobj)
     assert network["dice_against_seg"]["WT"] == pytest.approx(dice(found > 0, labels > 0))
-    assert "segmentation network" in demo_summary(out)
+    shipped = json.loads((DEFAULT_WEIGHTS / "metrics.json").read_text())["mean"]
+    assert network["cross_validated_dice_real_cases"] == {r: shipped[f"dice_{r}"] for r in ("WT", "TC", "ET")}
+    assert f"cross-validated on real BraTS cases: Dice WT {shipped['dice_WT']:.2f}" in demo_summary(out)
     assert not list(out.rglob(".*"))  # no temporary files left
 
 
