@@ -167,6 +167,19 @@ def test_postprocessing_drops_stray_components_and_relabels_a_small_enhancing_re
     assert enhancing_voxels(0.0, (1.0, 1.0, 1.0)) == 0
 
 
+def test_warp_slices_rotates_a_quarter_turn_exactly_and_scales_about_the_centre():
+    from rtjax.seg.slice_train import warp_slices
+
+    x = np.random.default_rng(0).random((2, 9, 9, 2)).astype(np.float32)
+    turned = np.asarray(warp_slices(x, np.array([np.pi / 2, 0.0]), np.array([1.0, 1.0])))
+    # output (i, j) samples x[8 - j, i]: a clockwise quarter turn of the array
+    np.testing.assert_allclose(turned[0], np.rot90(x[0], k=-1, axes=(0, 1)), atol=1e-5)
+    np.testing.assert_allclose(turned[1], x[1], atol=1e-6)
+    zoomed = np.asarray(warp_slices(x[:1], np.array([0.0]), np.array([2.0])))
+    assert zoomed[0, 4, 4] == pytest.approx(x[0, 4, 4])  # the centre is fixed
+    assert zoomed[0, 6, 4] == pytest.approx(x[0, 5, 4])  # 2 voxels out sample 1 voxel out
+
+
 def test_postprocessing_choice_is_the_best_mean_dice_over_the_regions():
     rows = {(0.2, 0.0): [{"dice_WT": 0.8, "dice_TC": 0.6, "dice_ET": 0.5}] * 2,
             (1.0, 0.0): [{"dice_WT": 0.9, "dice_TC": 0.6, "dice_ET": 0.5}, {"dice_WT": 0.7, "dice_TC": 0.6, "dice_ET": 0.5}],
@@ -180,9 +193,11 @@ def test_uncertainty_table_reports_the_rank_correlation_of_uncertainty_and_dice(
     from rtjax.experiments.seg_uncertainty import format_uncertainty_table
 
     rows = [{"case": f"c{i}", "network_wt_ml": 10.0 * i, "reference_wt_ml": 9.0, "dice_wt": d,
-             "mean_uncertainty_in_wt": u} for i, (d, u) in enumerate([(0.9, 0.05), (0.5, 0.2), (0.7, 0.1)])]
+             "held_out_dice_wt": h, "mean_uncertainty_in_wt": u}
+            for i, (d, h, u) in enumerate([(0.9, 0.5, 0.05), (0.5, 0.8, 0.2), (0.7, 0.6, 0.1)])]
     rows.append({"case": "unlabelled", "network_wt_ml": 3.0, "reference_wt_ml": None, "dice_wt": None,
                  "mean_uncertainty_in_wt": 0.3})
     text = format_uncertainty_table(rows)
-    assert "| c1 | 10.0 | 9.0 | 0.500 | 0.200 |" in text and "| unlabelled | 3.0 |  |  | 0.300 |" in text
-    assert "Spearman correlation of uncertainty and Dice WT: -1.00" in text and "n = 3" in text
+    assert "| c1 | 10.0 | 9.0 | 0.500 | 0.800 | 0.200 |" in text and "| unlabelled | 3.0 |  |  |  | 0.300 |" in text
+    assert "Spearman correlation of uncertainty and Dice WT (ensemble): -1.00" in text and "n = 3" in text
+    assert "Spearman correlation of uncertainty and Dice WT (held-out fold): 1.00" in text

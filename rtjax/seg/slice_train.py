@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,13 +139,10 @@ def _train_view(case, cfg: SliceSegConfig) -> dict:
     return {"x": x, "y": y, "tumour": tumour, "brain": np.argwhere(brain)[:, [1, 2, 0]]}
 
 
-def _warp(key, x, y, max_degrees: float = 15.0, max_log_scale: float = 0.15):
-    """Random in-plane rotation and isotropic scaling about the crop centre (bilinear; the
-    targets become soft at edges), one transform per sample of (b, X, Y, C) `x` and `y`."""
+def warp_slices(x, angle, scale):
+    """Rotate each sample of (b, X, Y, C) `x` by `angle` (b,) radians and scale it by
+    `scale` (b,) about the slice centre (bilinear, zero outside)."""
     b, nx, ny = x.shape[:3]
-    ka, ks = jax.random.split(key)
-    angle = jnp.deg2rad(max_degrees) * jax.random.uniform(ka, (b,), minval=-1.0, maxval=1.0)
-    scale = jnp.exp(max_log_scale * jax.random.uniform(ks, (b,), minval=-1.0, maxval=1.0))
     gx, gy = jnp.meshgrid(jnp.arange(nx) - (nx - 1) / 2, jnp.arange(ny) - (ny - 1) / 2, indexing="ij")
 
     def one(image, a, s):
@@ -153,8 +151,17 @@ def _warp(key, x, y, max_degrees: float = 15.0, max_log_scale: float = 0.15):
         sample = lambda channel: jax.scipy.ndimage.map_coordinates(channel, coords, order=1, cval=0.0)
         return jax.vmap(sample, in_axes=-1, out_axes=-1)(image)
 
-    warp = jax.vmap(one)
-    return warp(x, angle, scale), warp(y, angle, scale)
+    return jax.vmap(one)(x, angle, scale)
+
+
+def _warp(key, x, y, max_degrees: float = 15.0, max_log_scale: float = 0.15):
+    """The same random rotation (+-`max_degrees`) and scaling (log +-`max_log_scale`) of each
+    sample of `x` and its targets `y` (which become soft at the edges)."""
+    ka, ks = jax.random.split(key)
+    b = x.shape[0]
+    angle = jnp.deg2rad(max_degrees) * jax.random.uniform(ka, (b,), minval=-1.0, maxval=1.0)
+    scale = jnp.exp(max_log_scale * jax.random.uniform(ks, (b,), minval=-1.0, maxval=1.0))
+    return warp_slices(x, angle, scale), warp_slices(y, angle, scale)
 
 
 def _bias_field(key, shape, strength: float = 0.3):
@@ -265,14 +272,14 @@ def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path
 def _held_out_probabilities(weights: SliceWeights, case, path: Path):
     """Region probabilities (X, Y, Z, 3), brain mask and reference region masks of a held-out
     case on its original grid; the probabilities are cached in `path` (float16 npz)."""
-    t1c, flair = load_image(case.t1c), load_image(case.flair)
-    brain = load_image(case.brain_mask, kind="mask").data if case.brain_mask else None
+    t1c = load_image(case.t1c)
     masks, _ = load_tumour_masks(case.labels, case.convention)
     if path.is_file():
         with np.load(path) as stored:
             probs, brain = stored["probs"].astype(np.float32), stored["brain"]
     else:
-        probs, _, brain = weights.probabilities(t1c.data, flair.data, t1c.spacing, brain)
+        brain = load_image(case.brain_mask, kind="mask").data if case.brain_mask else None
+        probs, _, brain = weights.probabilities(t1c.data, load_image(case.flair).data, t1c.spacing, brain)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path.with_suffix(".tmp.npz"), probs=probs.astype(np.float16), brain=brain)
         path.with_suffix(".tmp.npz").replace(path)
@@ -382,9 +389,7 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
     """MODEL_CARD.md of exported 2.5-D weights: architecture, training, the post-processing
     chosen, the cross-validation table (`cv_table`) and the limits."""
     m, t, pp = cfg.model, cfg.train, summary["postprocessing"]
-    sources = {}
-    for name in cases:
-        sources[name.split("/")[0]] = sources.get(name.split("/")[0], 0) + 1
+    sources = Counter(name.split("/")[0] for name in cases)
     mean = summary["mean"]
     et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
                if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
