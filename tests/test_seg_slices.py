@@ -7,7 +7,9 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from rtjax.cli import app
 from rtjax.config import read_yaml
 from rtjax.seg.cases import find_labelled_cases, prepare_case, robust_normalise
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks, segment_arrays
@@ -111,7 +113,15 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
     train = SliceTrainConfig(data_root=str(root), folds=2, batch=4, crop=16, steps=3, warmup_steps=1,
                              log_every=1, learning_rate=1e-2)
     cfg = SliceSegConfig(version="test", model=model, train=train)
-    first = train_slices(cfg, tmp_path / "run")
+    # one fold alone (as a parallel process would), then the rest, cross-validation and export
+    alone = train_slices(cfg, tmp_path / "run", folds=[1])
+    assert alone == {"trained_folds": [1], "steps": [3]}
+    assert not (tmp_path / "run" / "weights").exists() and not (tmp_path / "run" / "cv.json").exists()
+    with pytest.raises(ValueError, match="fold 2 does not exist"):
+        train_slices(cfg, tmp_path / "run", folds=[0, 2])
+    lines = []
+    first = train_slices(cfg, tmp_path / "run", log=lines.append)
+    assert "fold 1: resumed at step 3" in lines and "fold 0: resumed at step 3" not in lines
     assert first["steps"] == [3, 3] and len(first["cases"]) == 2
     assert {r["fold"] for r in first["cases"]} == {0, 1}
     more = SliceSegConfig(version="test", model=model, train=SliceTrainConfig(**{**train.__dict__, "steps": 5}))
@@ -201,3 +211,10 @@ def test_uncertainty_table_reports_the_rank_correlation_of_uncertainty_and_dice(
     assert "| c1 | 10.0 | 9.0 | 0.500 | 0.800 | 0.200 |" in text and "| unlabelled | 3.0 |  |  |  | 0.300 |" in text
     assert "Spearman correlation of uncertainty and Dice WT (ensemble): -1.00" in text and "n = 3" in text
     assert "Spearman correlation of uncertainty and Dice WT (held-out fold): 1.00" in text
+
+
+def test_train_seg_refuses_fold_for_the_3d_model(tmp_path):
+    config = Path(__file__).parents[1] / "configs" / "seg_tiny.yaml"
+    result = CliRunner().invoke(app, ["train-seg", str(config), "--workdir", str(tmp_path / "w"), "--fold", "0"])
+    assert result.exit_code != 0 and "--fold applies to the 2.5-D model" in result.output
+    assert not (tmp_path / "w").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +190,7 @@ def cached_case(case: LabelledCase, spacing_mm: float, cache_dir: str | Path) ->
             return PreparedCase(case.name, z["x"].astype(np.float32), z["regions"], z["brain"], float(spacing_mm))
     prepared = prepare_case(case, spacing_mm)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
+    partial = path.with_suffix(f".partial{os.getpid()}.npz")  # per process: folds may train in parallel
     np.savez(partial, x=prepared.x.astype(np.float16), regions=prepared.regions, brain=prepared.brain)
     partial.replace(path)
     return PreparedCase(case.name, prepared.x.astype(np.float16).astype(np.float32), prepared.regions,

@@ -346,8 +346,13 @@ def _stack(params_list):
     return jax.tree.map(lambda *a: jnp.stack(a), *params_list)
 
 
-def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
-    """Train the k fold models, cross-validate, export `workdir/weights`; returns the summary."""
+def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | None = None) -> dict:
+    """Train the k fold models, cross-validate, export `workdir/weights`; returns the summary.
+
+    `folds`: train only these folds (each with its share `max_seconds / k` of the budget) and
+    stop before cross-validation, so that folds can train in parallel processes on one
+    workdir; a later call without `folds` resumes every fold's checkpoint, cross-validates
+    and exports. Returns {"trained_folds", "steps"} then."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
@@ -357,6 +362,9 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
     found = find_labelled_cases(root)
     if len(found) < t.folds:
         raise ValueError(f"{len(found)} labelled cases under {root}: fewer than {t.folds} folds")
+    unknown = sorted(set(folds or []) - set(range(t.folds)))
+    if unknown:
+        raise ValueError(f"fold {unknown[0]} does not exist: train.folds is {t.folds} (folds 0-{t.folds - 1})")
     cache = Path(t.cache_dir) if t.cache_dir else workdir / "cache"
     log(f"{len(found)} labelled cases under {root}; caching on the {cfg.model.spacing} mm grid")
     prepared = [cached_case(c, cfg.model.spacing, cache) for c in found]
@@ -365,11 +373,14 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print) -> dict:
     graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
     step_fn = _make_step(graphdef, _optimizer(t))  # one compilation serves every fold
     fold_params, steps, rows = [], [], []
-    for fold in range(t.folds):
+    for fold in sorted(set(folds)) if folds else range(t.folds):
         train = [v for i, v in enumerate(views) if fold_of(i, t.folds) != fold]
         params, step = _train_fold(fold, train, cfg, workdir, seconds, step_fn, log)
         fold_params.append(params)
         steps.append(step)
+    if folds:
+        log(f"trained fold(s) {sorted(set(folds))}; run again without folds to cross-validate and export")
+        return {"trained_folds": sorted(set(folds)), "steps": steps}
     ensemble_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, t.folds)))[0]
     rows, tuning, (keep, et_ml) = _cross_validate(cfg, found, fold_params, steps, ensemble_def, workdir, log)
     log(f"post-processing chosen on the held-out cases: keep_fraction {keep:g}, min_enhancing_ml {et_ml:g}")
