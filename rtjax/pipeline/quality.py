@@ -52,7 +52,7 @@ MIN_FOCUS_ML = 0.1
 #: A parameter within this fraction of its box's width of a bound is "at the bound".
 BOUND_TOL = 0.01
 #: Above this mean network uncertainty inside the segmented tumour the masks are unsure.
-#: Measured with the slices-cpu-0.2 ensemble (before 0.3; not re-measured) (spread of its 3 fold members) on the
+#: Measured with the slices-cpu-0.2 ensemble (spread of its 3 fold members; not re-measured for 0.3) on the
 #: 22 labelled cases (`python scripts/seg_uncertainty.py`, docs/command-line.md): against each
 #: case's held-out Dice WT, Spearman -0.55 (p = 0.008); above 0.25 sit 4 of the 6 cases whose
 #: held-out Dice is below 0.7 and none of the 16 others (0.12, the old weights' value, flagged

@@ -362,7 +362,8 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
     found = find_labelled_cases(root)
     if len(found) < t.folds:
         raise ValueError(f"{len(found)} labelled cases under {root}: fewer than {t.folds} folds")
-    unknown = sorted(set(folds or []) - set(range(t.folds)))
+    chosen = sorted(set(folds)) if folds else list(range(t.folds))
+    unknown = [f for f in chosen if f not in range(t.folds)]
     if unknown:
         raise ValueError(f"fold {unknown[0]} does not exist: train.folds is {t.folds} (folds 0-{t.folds - 1})")
     cache = Path(t.cache_dir) if t.cache_dir else workdir / "cache"
@@ -372,15 +373,15 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
     seconds = None if t.max_seconds is None else t.max_seconds / t.folds
     graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
     step_fn = _make_step(graphdef, _optimizer(t))  # one compilation serves every fold
-    fold_params, steps, rows = [], [], []
-    for fold in sorted(set(folds)) if folds else range(t.folds):
+    fold_params, steps = [], []
+    for fold in chosen:
         train = [v for i, v in enumerate(views) if fold_of(i, t.folds) != fold]
         params, step = _train_fold(fold, train, cfg, workdir, seconds, step_fn, log)
         fold_params.append(params)
         steps.append(step)
     if folds:
-        log(f"trained fold(s) {sorted(set(folds))}; run again without folds to cross-validate and export")
-        return {"trained_folds": sorted(set(folds)), "steps": steps}
+        log(f"trained fold(s) {chosen}; run again without folds to cross-validate and export")
+        return {"trained_folds": chosen, "steps": steps}
     ensemble_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, t.folds)))[0]
     rows, tuning, (keep, et_ml) = _cross_validate(cfg, found, fold_params, steps, ensemble_def, workdir, log)
     log(f"post-processing chosen on the held-out cases: keep_fraction {keep:g}, min_enhancing_ml {et_ml:g}")
