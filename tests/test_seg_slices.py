@@ -14,7 +14,7 @@ from rtjax.config import read_yaml
 from rtjax.seg.cases import find_labelled_cases, prepare_case, robust_normalise
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks, segment_arrays
 from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, choose_postprocessing, fold_of,
-                                   load_slice_config, train_slices, warm_start_params)
+                                   load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params)
 from rtjax.seg.slices import SliceModelConfig, SliceWeights, context_slices, predict_volume
 from rtjax.seg.model import UNetConfig
 
@@ -218,3 +218,37 @@ def test_train_seg_refuses_fold_for_the_3d_model(tmp_path):
     result = CliRunner().invoke(app, ["train-seg", str(config), "--workdir", str(tmp_path / "w"), "--fold", "0"])
     assert result.exit_code != 0 and "--fold applies to the 2.5-D model" in result.output
     assert not (tmp_path / "w").exists()
+
+
+def test_paste_tumour_takes_the_donor_tumour_only_inside_the_recipient_brain():
+    x = np.zeros((4, 4, 2), np.float32)
+    x[:, :3] = 1.0  # brain in columns 0-2
+    y = np.zeros((4, 4, 3), np.uint8)
+    donor_x = np.full((4, 4, 2), 5.0, np.float32)
+    donor_y = np.zeros((4, 4, 3), np.uint8)
+    donor_y[1:3, 1:4] = [1, 1, 0]  # tumour in rows 1-2, columns 1-3
+    got_x, got_y = paste_tumour(x, y, donor_x, donor_y)
+    want = np.zeros((4, 4), bool)
+    want[1:3, 1:3] = True  # column 3 is outside the recipient's brain
+    np.testing.assert_array_equal(got_x[..., 0], np.where(want, 5.0, x[..., 0]))
+    np.testing.assert_array_equal(got_y[..., 0], want)
+    np.testing.assert_array_equal(got_y[..., 2], 0)
+
+
+def test_copy_paste_sampling_puts_the_donor_tumour_in_tumour_free_crops():
+    crop = 8
+    healthy = {"x": np.ones((2, crop, crop, 2), np.float32), "y": np.zeros((2, crop, crop, 3), np.uint8)}
+    healthy["brain"] = np.argwhere(np.ones((crop, crop, 2)))
+    healthy["tumour"] = healthy["brain"]  # crop centres only; this case has no tumour voxel
+    donor_y = np.zeros((2, crop, crop, 3), np.uint8)
+    donor_y[:, 2:6, 2:6] = 1
+    donor = {"x": np.full((2, crop, crop, 2), 7.0, np.float32), "y": donor_y,
+             "brain": healthy["brain"], "tumour": np.argwhere(donor_y[..., 0].transpose(1, 2, 0))}
+    cfg = SliceSegConfig(model=SliceModelConfig(unet=UNetConfig(widths=(4, 8), in_channels=2, spatial_dims=2), context=0),
+                         train=SliceTrainConfig(batch=64, crop=crop, copy_paste=1.0))
+    x, y = sample_batch(np.random.default_rng(0), [healthy, donor], cfg)
+    assert y[..., 0].sum((1, 2)).min() == 16  # every crop carries the donor's 4 x 4 tumour
+    np.testing.assert_array_equal(x[y[..., 0] > 0], 7.0)
+    plain = SliceSegConfig(model=cfg.model, train=SliceTrainConfig(batch=64, crop=crop))
+    y_plain = sample_batch(np.random.default_rng(0), [healthy, donor], plain)[1]
+    assert (y_plain[..., 0].sum((1, 2)) == 0).any()  # without it, the healthy case stays healthy

@@ -2,7 +2,8 @@
 
 `train_slices(config, workdir)` finds the labelled cases (`rtjax.seg.cases`), caches them
 on the working grid (npz), and trains one U-Net per fold on the other folds' patients:
-random crops of axial slices (`crop` voxels, `tumour_fraction` of them through the tumour),
+random crops of axial slices (`crop` voxels, `tumour_fraction` of them through the tumour,
+`copy_paste` of them with another training case's tumour pasted in),
 rotation/scaling, flips, bias field, intensity scale/shift, gamma and noise; loss BCE + soft Dice over WT/TC/ET. Each fold
 checkpoints (orbax) every `checkpoint_seconds` and resumes from its latest checkpoint; the
 wall-clock budget `max_seconds` is split evenly over the folds. Then every held-out case is
@@ -35,7 +36,8 @@ from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks
 from rtjax.seg.model import REGIONS, UNet, masks_to_regions, small_enhancing_to_necrosis
 from rtjax.seg.slices import ARCHITECTURE, SliceModelConfig, SliceWeights, context_slices, make_ensemble
 
-__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "train_slices", "cv_table"]
+__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "sample_batch", "paste_tumour",
+           "train_slices", "cv_table"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class SliceTrainConfig:
         learning_rate: peak Adam learning rate (linear warm-up, cosine to 2 % of it).
         warmup_steps: warm-up steps.
         tumour_fraction: share of crops centred on a tumour voxel.
+        copy_paste: share of crops that get a tumour pasted in from another training
+            case (its slice's tumour voxels, all channels and regions, at the same place in
+            the crop, inside the brain); 0 (the shipped runs) draws nothing extra.
         max_seconds: wall-clock budget of all folds together (None: `steps` only).
         checkpoint_seconds: checkpoint interval.
         log_every: steps between log lines.
@@ -73,6 +78,7 @@ class SliceTrainConfig:
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     tumour_fraction: float = 0.8
+    copy_paste: float = 0.0
     max_seconds: float | None = None
     checkpoint_seconds: float = 180.0
     log_every: int = 25
@@ -111,18 +117,37 @@ def fold_of(index: int, folds: int) -> int:
 # --------------------------------------------------------------------------- batches
 
 
-def _sample_batch(rng, cases, cfg: SliceSegConfig):
-    """(b, crop, crop, C) inputs and (b, crop, crop, 3) targets, crops of random slices."""
+def _random_crop(rng, case, pool, crop: int):
+    """(crop, crop, C) inputs and (crop, crop, 3) targets of a slice crop near a random
+    voxel of `pool` (crop-centre candidates, (n, 3) as x, y, slice)."""
+    cx, cy, cz = pool[rng.integers(len(pool))]
+    x0 = int(np.clip(cx - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, case["x"].shape[1] - crop))
+    y0 = int(np.clip(cy - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, case["x"].shape[2] - crop))
+    return case["x"][cz, x0:x0 + crop, y0:y0 + crop], case["y"][cz, x0:x0 + crop, y0:y0 + crop]
+
+
+def paste_tumour(x, y, donor_x, donor_y):
+    """Crop `x`, `y` with the donor crop's whole-tumour voxels pasted in where `x` is brain
+    (non-zero): all input channels and regions there come from the donor."""
+    where = donor_y[..., :1].astype(bool) & (x != 0).any(-1, keepdims=True)
+    return np.where(where, donor_x, x), np.where(where, donor_y, y)
+
+
+def sample_batch(rng, cases, cfg: SliceSegConfig):
+    """(b, crop, crop, C) inputs and (b, crop, crop, 3) targets, crops of random slices
+    (`copy_paste` of them with another case's tumour pasted in)."""
     t, crop = cfg.train, cfg.train.crop
     xs, ys = [], []
     for _ in range(t.batch):
-        case = cases[rng.integers(len(cases))]
-        pool = case["tumour"] if rng.random() < t.tumour_fraction else case["brain"]
-        cx, cy, cz = pool[rng.integers(len(pool))]
-        x0 = int(np.clip(cx - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, case["x"].shape[1] - crop))
-        y0 = int(np.clip(cy - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, case["x"].shape[2] - crop))
-        xs.append(case["x"][cz, x0:x0 + crop, y0:y0 + crop])
-        ys.append(case["y"][cz, x0:x0 + crop, y0:y0 + crop])
+        index = rng.integers(len(cases))
+        case = cases[index]
+        x, y = _random_crop(rng, case, case["tumour"] if rng.random() < t.tumour_fraction else case["brain"], crop)
+        if t.copy_paste > 0 and len(cases) > 1 and rng.random() < t.copy_paste:
+            other = rng.integers(len(cases) - 1)
+            donor = cases[other + (other >= index)]
+            x, y = paste_tumour(x, y, *_random_crop(rng, donor, donor["tumour"], crop))
+        xs.append(x)
+        ys.append(y)
     return np.stack(xs), np.stack(ys).astype(np.float32)
 
 
@@ -254,7 +279,7 @@ def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path
         start = last_ckpt = time.monotonic()
         losses = []
         while step < t.steps and (seconds is None or time.monotonic() - start < seconds):
-            x, y = _sample_batch(rng, cases, cfg)
+            x, y = sample_batch(rng, cases, cfg)
             params, opt_state, value = step_fn(params, opt_state, jax.random.fold_in(key, step), x, y)
             step += 1
             losses.append(float(value))
@@ -421,7 +446,7 @@ Config: `config.yaml` (`architecture: slices`).
 CPU: one model per fold of a {t.folds}-fold split by patient of the {len(cases)} real labelled
 cases ({", ".join(f"{k} {v}" for k, v in sources.items())}), trained on the other folds only;
 {"/".join(str(s) for s in summary["steps"])} steps of {t.batch} random {t.crop} x {t.crop} slice
-crops ({t.tumour_fraction:.0%} through the tumour); BCE + soft Dice; rotation/scaling, flips,
+crops ({t.tumour_fraction:.0%} through the tumour{f', {t.copy_paste:.0%} with a tumour pasted in from another case' if t.copy_paste else ''}); BCE + soft Dice; rotation/scaling, flips,
 bias field, intensity scale/shift, gamma, noise. The members are the fold models.
 
 **Cross-validation** (each case scored by the fold model that never saw it, on its original
