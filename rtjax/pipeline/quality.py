@@ -52,11 +52,10 @@ MIN_FOCUS_ML = 0.1
 #: A parameter within this fraction of its box's width of a bound is "at the bound".
 BOUND_TOL = 0.01
 #: Above this mean network uncertainty inside the segmented tumour the masks are unsure.
-#: Measured with the slices-cpu-0.2 ensemble (spread of its 3 fold members; not re-measured for 0.3) on the
-#: 22 labelled cases (`python scripts/seg_uncertainty.py`, docs/command-line.md): against each
-#: case's held-out Dice WT, Spearman -0.55 (p = 0.008); above 0.25 sit 4 of the 6 cases whose
-#: held-out Dice is below 0.7 and none of the 16 others (0.12, the old weights' value, flagged
-#: 12 cases, most of them good).
+#: Set with the slices-cpu-0.2 ensemble and re-measured with slices-cpu-0.3 (spread of its 3 fold
+#: members) on the 22 labelled cases (`python scripts/seg_uncertainty.py`, docs/command-line.md):
+#: against each case's held-out Dice WT, Spearman -0.44 (p = 0.039; 0.2: -0.55); above 0.25 sit
+#: 3 of the 6 cases whose held-out Dice is below 0.7 and none of the 16 others.
 MAX_SEG_UNCERTAINTY = 0.25
 
 _CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected parts
