@@ -267,13 +267,13 @@ def predict_regions(
 
 
 def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: float,
-                        min_enhancing_voxels: int = 0):
-    """Tumour masks of region probabilities (X, Y, Z, 3): none outside the boolean `brain`,
-    small stray components dropped (`keep_main_components`, skipped when `keep_fraction` is
-    0), an enhancing region of fewer than `min_enhancing_voxels` made necrosis
-    (`small_enhancing_to_necrosis`)."""
+                        min_enhancing_voxels: int = 0, threshold: float = 0.5):
+    """Tumour masks of region probabilities (X, Y, Z, 3) thresholded at `threshold`: none
+    outside the boolean `brain`, small stray components dropped (`keep_main_components`,
+    skipped when `keep_fraction` is 0), an enhancing region of fewer than
+    `min_enhancing_voxels` made necrosis (`small_enhancing_to_necrosis`)."""
 
-    masks = probs_to_masks(probs * brain[..., None])
+    masks = probs_to_masks(probs * brain[..., None], threshold)
     masks = keep_main_components(masks, keep_fraction) if keep_fraction > 0 else masks
     return small_enhancing_to_necrosis(masks, min_enhancing_voxels)
 

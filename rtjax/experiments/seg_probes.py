@@ -1,0 +1,91 @@
+"""Two probes behind numbers in docs/segmentation.md.
+
+`threshold_rows(workdir)`: the held-out Dice per region at other probability thresholds than
+0.5, and how much of the missed whole tumour of each case sits below 0.3 / 0.1, from the
+cross-validation's cached probabilities (`WORKDIR/cv_probs`, written by `rtjax train-seg`).
+`bias_rows(demo_dir)`: the shipped network's Dice on the demo patient rendered with bias
+fields of other strengths (`rtjax.seg.synth.RenderConfig.bias`), from a `rtjax demo` folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from rtjax.experiments.demo import DEMO_PATIENT, DEMO_RENDER
+from rtjax.io import load_image, load_tumour_masks
+from rtjax.metrics import dice
+from rtjax.seg.cases import find_labelled_cases
+from rtjax.seg.infer import probs_to_case_masks, segment_arrays
+from rtjax.seg.model import REGIONS, masks_to_regions
+from rtjax.seg.synth import render_case
+from rtjax.simulate import load_tissue
+
+__all__ = ["bias_rows", "held_out_cases", "missed_rows", "threshold_rows"]
+
+
+def held_out_cases(workdir, root):
+    """(name, probabilities (X, Y, Z, 3), brain, reference regions (X, Y, Z, 3) bool) of
+    every labelled case under `root` with cached held-out probabilities in `workdir`."""
+    out = []
+    for i, case in enumerate(find_labelled_cases(root)):
+        cached = sorted(Path(workdir, "cv_probs").glob(f"case{i:03d}_fold*.npz"))
+        if not cached:
+            continue
+        with np.load(cached[-1]) as stored:
+            probs, brain = stored["probs"].astype(np.float32), stored["brain"]
+        masks, _ = load_tumour_masks(case.labels, case.convention)
+        out.append((case.name, probs, brain, masks_to_regions(masks) > 0.5))
+    if not out:
+        raise FileNotFoundError(f"{workdir}: no cv_probs/case*_fold*.npz (run `rtjax train-seg` there first)")
+    return out
+
+
+def threshold_rows(cases, thresholds=(0.3, 0.35, 0.4, 0.45, 0.5), keep_fraction: float = 0.5) -> list[dict]:
+    """Mean held-out Dice per region (and the lowest WT) at each threshold, `held_out_cases`."""
+    rows = []
+    for threshold in thresholds:
+        scores = []
+        for _, probs, brain, ref in cases:
+            got = masks_to_regions(probs_to_case_masks(probs, brain, keep_fraction, threshold=threshold)) > 0.5
+            scores.append([dice(got[..., k], ref[..., k]) for k in range(len(REGIONS))])
+        scores = np.array(scores)
+        rows.append({"threshold": threshold, "min_dice_WT": float(scores[:, 0].min()),
+                     **{f"dice_{r}": float(scores[:, k].mean()) for k, r in enumerate(REGIONS)}})
+    return rows
+
+
+def missed_rows(cases, voxel_ml: float = 1e-3) -> list[dict]:
+    """Per case: reference and network whole tumour (mL at 0.5), the missed whole tumour and
+    the shares of it with probability below 0.3 and 0.1 (`voxel_ml`: the 1 mm grid's 0.001)."""
+    rows = []
+    for name, probs, brain, ref in cases:
+        p = probs[..., 0] * brain
+        missed = ref[..., 0] & (p < 0.5)
+        rows.append({"case": name, "reference_ml": float(ref[..., 0].sum()) * voxel_ml,
+                     "network_ml": float((p >= 0.5).sum()) * voxel_ml, "missed_ml": float(missed.sum()) * voxel_ml,
+                     "missed_below_0.3": float((p[missed] < 0.3).mean()) if missed.any() else 0.0,
+                     "missed_below_0.1": float((p[missed] < 0.1).mean()) if missed.any() else 0.0})
+    return rows
+
+
+def bias_rows(demo_dir, biases=(0.0, 0.1, 0.3), weights=None) -> list[dict]:
+    """Dice WT/ET of the shipped network on the demo patient of `demo_dir` (its
+    truth/density_true and case/seg) rendered as `DEMO_RENDER` with each bias-field strength."""
+    demo_dir = Path(demo_dir)
+    seg = load_image(demo_dir / "case" / "seg.nii.gz", kind="label").data
+    density = load_image(demo_dir / "truth" / "density_true.nii.gz", kind="probability").data
+    tissue = load_tissue(atlas="mni152")
+    thresholds = (DEMO_PATIENT["u_fl"], DEMO_PATIENT["u_t1"], DEMO_PATIENT["u_necrosis"])
+    rows = []
+    for bias in biases:
+        t1c, flair = render_case(density, tissue.wm.data, tissue.gm.data, tissue.reference.spacing, seed=0,
+                                 thresholds=thresholds, config=dataclasses.replace(DEMO_RENDER, bias=float(bias)))
+        masks, _ = segment_arrays(t1c, flair, tissue.reference.spacing, weights=weights)
+        ml = tissue.reference.voxel_volume_ml
+        rows.append({"bias": float(bias), "dice_WT": dice(masks.whole, seg > 0),
+                     "dice_ET": dice(masks.enhancing, seg == 4),
+                     "network_wt_ml": float(masks.whole.sum()) * ml, "reference_wt_ml": float((seg > 0).sum()) * ml})
+    return rows

@@ -1,0 +1,31 @@
+"""The segmentation probes behind docs/segmentation.md, on exact arrays."""
+
+import numpy as np
+import pytest
+
+from rtjax.experiments.seg_probes import missed_rows, threshold_rows
+
+
+def _case():
+    """A 10 x 10 x 1 case: a 4 x 4 reference tumour; the network gives 0.45 to its first row
+    and 0.05 to its second, 0.9 to the rest (and 0.9 to all three regions there)."""
+    ref = np.zeros((10, 10, 1, 3), bool)
+    ref[3:7, 3:7, 0] = True
+    probs = np.where(ref, 0.9, 0.0).astype(np.float32)
+    probs[3, 3:7, 0] = 0.45
+    probs[4, 3:7, 0] = 0.05
+    return "c", probs, np.ones((10, 10, 1), bool), ref
+
+
+def test_threshold_rows_score_every_region_at_each_threshold():
+    rows = threshold_rows([_case()], thresholds=(0.4, 0.5))
+    assert [r["threshold"] for r in rows] == [0.4, 0.5]
+    assert rows[0]["dice_WT"] == pytest.approx(2 * 12 / (12 + 16))  # 0.45 row kept at 0.4
+    assert rows[1]["dice_WT"] == pytest.approx(2 * 8 / (8 + 16))
+    assert rows[1]["min_dice_WT"] == rows[1]["dice_WT"]
+
+
+def test_missed_rows_give_the_share_of_missed_tumour_below_each_probability():
+    (row,) = missed_rows([_case()], voxel_ml=1.0)
+    assert (row["reference_ml"], row["network_ml"], row["missed_ml"]) == (16.0, 8.0, 8.0)
+    assert row["missed_below_0.3"] == 0.5 and row["missed_below_0.1"] == 0.5
