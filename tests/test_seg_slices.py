@@ -14,7 +14,8 @@ from rtjax.config import read_yaml
 from rtjax.seg.cases import find_labelled_cases, prepare_case, robust_normalise
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks, segment_arrays
 from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, choose_postprocessing, fold_of,
-                                   load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params)
+                                   load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params,
+                                   blur_slices, _augment)
 from rtjax.seg.slices import SliceModelConfig, SliceWeights, context_slices, predict_volume
 from rtjax.seg.model import UNetConfig
 
@@ -252,3 +253,32 @@ def test_copy_paste_sampling_puts_the_donor_tumour_in_tumour_free_crops():
     plain = SliceSegConfig(model=cfg.model, train=SliceTrainConfig(batch=64, crop=crop))
     y_plain = sample_batch(np.random.default_rng(0), [healthy, donor], plain)[1]
     assert (y_plain[..., 0].sum((1, 2)) == 0).any()  # without it, the healthy case stays healthy
+
+
+def test_blur_slices_spreads_an_impulse_by_the_gaussian_taps_along_the_chosen_axis():
+    x = np.zeros((1, 15, 15, 2), np.float32)
+    x[0, 7, 7, :] = 1.0
+    got = np.asarray(blur_slices(x, np.array([1.0]), np.array([0.0]), np.array([0.0]), modalities=2))
+    taps = np.exp(-0.5 * np.arange(-4, 5) ** 2)
+    np.testing.assert_allclose(got[0, 3:12, 7, 0], taps / taps.sum(), rtol=1e-5)
+    assert np.all(got[0, :, np.r_[0:7, 8:15]] == 0)  # nothing spreads along y at sigma 0
+    np.testing.assert_array_equal(blur_slices(x, np.zeros(1), np.zeros(1), np.zeros(1)), x)
+
+
+def test_blur_slices_mixes_each_context_slice_with_its_neighbours_per_modality():
+    values = np.array([[1.0, 10.0], [2.0, 20.0], [4.0, 40.0]])  # 3 slices x (T1c, FLAIR)
+    x = np.broadcast_to(values.reshape(1, 1, 1, 6), (1, 4, 4, 6)).astype(np.float32)
+    got = np.asarray(blur_slices(x, np.zeros(1), np.zeros(1), np.array([0.25])))[0, 1, 1].reshape(3, 2)
+    below, above = values[[0, 0, 1]], values[[1, 2, 2]]  # edge slices repeated
+    np.testing.assert_allclose(got, 0.5 * values + 0.25 * (below + above), rtol=1e-6)
+
+
+def test_augment_without_blur_keeps_its_random_stream_and_with_blur_changes_only_inputs():
+    key = jax.random.key(3)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, 16, 16, 10)))
+    y = (x[..., :3] > 1.0).astype(np.float32)
+    plain, default = _augment(key, x, y), _augment(key, x, y, 0.0)
+    blurred = _augment(key, x, y, 1.0)
+    np.testing.assert_array_equal(plain[0], default[0])
+    np.testing.assert_array_equal(plain[1], blurred[1])  # targets are never blurred
+    assert not np.allclose(plain[0], blurred[0])

@@ -34,9 +34,11 @@ from rtjax.seg.data import resolve_data_root
 from rtjax.seg.cases import cached_case, find_labelled_cases
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks
 from rtjax.seg.model import REGIONS, UNet, masks_to_regions, small_enhancing_to_necrosis
-from rtjax.seg.slices import ARCHITECTURE, SliceModelConfig, SliceWeights, context_slices, make_ensemble
+from rtjax.seg.slices import ARCHITECTURE, MODALITIES, SliceModelConfig, SliceWeights, context_slices, make_ensemble
+from rtjax.seg.synth import blur_axis
 
 __all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "sample_batch", "paste_tumour",
+           "blur_slices",
            "train_slices", "cv_table"]
 
 
@@ -57,6 +59,9 @@ class SliceTrainConfig:
         copy_paste: share of crops that get a tumour pasted in from another training
             case (its slice's tumour voxels, all channels and regions, at the same place in
             the crop, inside the brain); 0 (the shipped runs) draws nothing extra.
+        blur: share of crops given the look of a lower-resolution scan (`blur_slices`:
+            Gaussian blur in-plane, sigma 0.5-1.5 working voxels per axis, and mixing of
+            neighbouring context slices); 0 draws nothing extra.
         max_seconds: wall-clock budget of all folds together (None: `steps` only).
         checkpoint_seconds: checkpoint interval.
         log_every: steps between log lines.
@@ -79,6 +84,7 @@ class SliceTrainConfig:
     warmup_steps: int = 50
     tumour_fraction: float = 0.8
     copy_paste: float = 0.0
+    blur: float = 0.0
     max_seconds: float | None = None
     checkpoint_seconds: float = 180.0
     log_every: int = 25
@@ -199,9 +205,35 @@ def _bias_field(key, shape, strength: float = 0.3):
     return jnp.exp(jnp.einsum("bck,kxy->bxyc", coeff, basis))
 
 
-def _augment(key, x, y):
-    """Rotation/scaling, flips, bias field, per-channel intensity scale/shift, gamma on the
-    positive part, noise (inputs are brain z-scores, 0 outside the brain)."""
+def blur_slices(x, sigma_x, sigma_y, mix, modalities: int = 2, radius: int = 4):
+    """The look of a lower-resolution scan: (b, X, Y, S * modalities) slice-major context
+    stacks blurred in-plane by Gaussians of `sigma_x`, `sigma_y` (b,) voxels (zero padding), then each
+    context slice mixed with its neighbours, weights `mix`, 1 - 2 `mix`, `mix` (b,)
+    (edge slices repeated). Zero sigma and mix leave `x` unchanged."""
+    in_plane = lambda image, sx, sy: blur_axis(blur_axis(image, sx, 0, radius, "constant"), sy, 1, radius, "constant")
+    x = jax.vmap(in_plane)(x, sigma_x, sigma_y)
+    b, nx, ny, channels = x.shape
+    s = x.reshape(b, nx, ny, channels // modalities, modalities)
+    below = jnp.concatenate([s[:, :, :, :1], s[:, :, :, :-1]], axis=3)
+    above = jnp.concatenate([s[:, :, :, 1:], s[:, :, :, -1:]], axis=3)
+    m = mix.reshape(b, 1, 1, 1, 1)
+    return ((1 - 2 * m) * s + m * (below + above)).reshape(x.shape)
+
+
+def _random_blur(key, x, share: float, modalities: int):
+    """`blur_slices` on a random `share` of the samples (sigma 0.5-1.5 per axis, mix 0-0.3)."""
+    kp, kx, ky, km = jax.random.split(key, 4)
+    b = x.shape[0]
+    on = jax.random.bernoulli(kp, share, (b,))
+    sigma = lambda k: jnp.where(on, jax.random.uniform(k, (b,), minval=0.5, maxval=1.5), 0.0)
+    mix = jnp.where(on, jax.random.uniform(km, (b,), maxval=0.3), 0.0)
+    return blur_slices(x, sigma(kx), sigma(ky), mix, modalities)
+
+
+def _augment(key, x, y, blur: float = 0.0):
+    """Rotation/scaling, flips, optionally blur (`blur` share of the samples), bias field,
+    per-channel intensity scale/shift, gamma on the positive part, noise (inputs are brain
+    z-scores, 0 outside the brain)."""
     kw, kf1, kf2, ks, kb, kg, kn, kbias = jax.random.split(key, 8)
     b, c = x.shape[0], x.shape[-1]
     x, y = _warp(kw, x, y)
@@ -209,10 +241,12 @@ def _augment(key, x, y):
     x, y = jnp.where(flip1, x[:, ::-1], x), jnp.where(flip1, y[:, ::-1], y)
     flip2 = jax.random.bernoulli(kf2, 0.5, (b, 1, 1, 1))
     x, y = jnp.where(flip2, x[:, :, ::-1], x), jnp.where(flip2, y[:, :, ::-1], y)
+    inside = x != 0
+    if blur > 0:  # its own key: runs without blur keep their random stream
+        x = _random_blur(jax.random.fold_in(key, 8), x, blur, MODALITIES)
     scale = jnp.exp(0.15 * jax.random.normal(ks, (b, 1, 1, c)))
     shift = 0.15 * jax.random.normal(kb, (b, 1, 1, c))
     gamma = jnp.exp(0.2 * jax.random.normal(kg, (b, 1, 1, c)))
-    inside = x != 0
     x = jnp.where(x > 0, jnp.abs(x) ** gamma, x)
     x = x * scale * _bias_field(kbias, x.shape) + shift
     x = x + 0.05 * jax.random.normal(kn, x.shape)
@@ -228,10 +262,10 @@ def _loss(model, x, y):
     return bce + soft_dice.mean()
 
 
-def _make_step(graphdef, tx):
+def _make_step(graphdef, tx, blur: float = 0.0):
     @jax.jit
     def step(params, opt_state, key, x, y):
-        x, y = _augment(key, x, y)
+        x, y = _augment(key, x, y, blur)
         value, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), x, y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
@@ -397,7 +431,7 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
     views = [_train_view(p, cfg) for p in prepared]
     seconds = None if t.max_seconds is None else t.max_seconds / t.folds
     graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
-    step_fn = _make_step(graphdef, _optimizer(t))  # one compilation serves every fold
+    step_fn = _make_step(graphdef, _optimizer(t), t.blur)  # one compilation serves every fold
     fold_params, steps = [], []
     for fold in chosen:
         train = [v for i, v in enumerate(views) if fold_of(i, t.folds) != fold]

@@ -27,11 +27,13 @@ from rtjax.seg.cases import normalise_pair
 from rtjax.seg.grid import resample_to_shape, working_shape
 from rtjax.seg.model import UNet, UNetConfig
 
-__all__ = ["ARCHITECTURE", "SliceModelConfig", "SliceWeights", "context_slices", "predict_volume",
+__all__ = ["ARCHITECTURE", "MODALITIES", "SliceModelConfig", "SliceWeights", "context_slices", "predict_volume",
            "make_ensemble"]
 
 #: `architecture` value of a 2.5-D weights folder's config.yaml.
 ARCHITECTURE = "slices"
+#: Input images per context slice (T1c, FLAIR), interleaved slice-major in the channels.
+MODALITIES = 2
 
 
 def _default_unet() -> UNetConfig:
@@ -63,7 +65,7 @@ class SliceModelConfig:
     batch: int = 32
 
     def __post_init__(self):
-        if self.unet.spatial_dims != 2 or self.unet.in_channels != 2 * (2 * self.context + 1):
+        if self.unet.spatial_dims != 2 or self.unet.in_channels != MODALITIES * (2 * self.context + 1):
             raise ValueError("unet: spatial_dims 2 and in_channels 2 * (2 * context + 1)")
 
 

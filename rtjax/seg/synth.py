@@ -45,6 +45,7 @@ __all__ = [
     "CLASSES",
     "DEFAULT_THRESHOLDS",
     "RenderConfig",
+    "blur_axis",
     "brain_from_tissue",
     "build_bank",
     "save_bank",
@@ -247,21 +248,22 @@ def _smooth_field(key, shape, n_ctrl: int = 4):
     return jax.image.resize(ctrl, shape, "linear")
 
 
-def _blur_axis(x, sigma, axis: int, radius: int = 4):
-    """Gaussian blur of `x` along `axis` with a traced sigma (voxels), edge padding."""
+def blur_axis(x, sigma, axis: int, radius: int = 4, mode: str = "edge"):
+    """Gaussian blur of `x` along `axis` with a traced sigma (voxels), `radius` taps either
+    side; `mode`: the padding (`jnp.pad`'s, "edge" or "constant" for zeros)."""
     offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
     w = jnp.exp(-0.5 * (offsets / jnp.maximum(sigma, 1e-3)) ** 2)
     w = w / w.sum()
     pad = [(0, 0)] * x.ndim
     pad[axis] = (radius, radius)
-    xp = jnp.pad(x, pad, mode="edge")
+    xp = jnp.pad(x, pad, mode=mode)
     n = x.shape[axis]
     return sum(w[i] * jax.lax.slice_in_dim(xp, i, i + n, axis=axis) for i in range(2 * radius + 1))
 
 
 def _blur(x, sigmas):
     for axis in range(3):
-        x = _blur_axis(x, sigmas[axis], axis)
+        x = blur_axis(x, sigmas[axis], axis)
     return x
 
 
