@@ -562,7 +562,8 @@ def segment(
     case_dir: Annotated[Path, typer.Argument(help="Case folder with t1c and flair (BraTS 2021/2023 names accepted).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     labels: Annotated[str, typer.Option("--labels", help="Output label convention: brats2021 (4 = ET) or brats2023 (3 = ET).")] = "brats2021",
-    uncertainty: Annotated[bool, typer.Option("--uncertainty/--no-uncertainty", help="Flip TTA + ensemble spread; writes segmentation_uncertainty.nii.gz.")] = False,
+    uncertainty: Annotated[bool, typer.Option("--uncertainty/--no-uncertainty", help="Ensemble spread (3-D weights: with flip TTA); writes segmentation_uncertainty.nii.gz.")] = False,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Flip test-time augmentation (default: the weights' setting; 2.5-D: the in-plane flips, 4x the time).")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Weights folder (default: the shipped rtjax/weights/seg).")] = None,
 ) -> None:
     """Segment necrosis, enhancing tumour and edema from T1c + FLAIR; writes
@@ -572,7 +573,7 @@ def segment(
 
     if labels.lower() not in ("brats2021", "brats2023"):
         _fail(f"--labels must be brats2021 or brats2023, got {labels!r}")
-    label_array, unc, ref = segment_case(case_dir, weights=weights, labels=labels, uncertainty=uncertainty)
+    label_array, unc, ref = segment_case(case_dir, weights=weights, labels=labels, uncertainty=uncertainty, tta=tta)
     paths = write_segmentation(out, label_array, unc, ref)
     masks = split_labels(label_array, get_convention(labels))
     ml = ref.voxel_volume_ml

@@ -15,8 +15,9 @@ from rtjax.seg.cases import find_labelled_cases, prepare_case, robust_normalise
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks, segment_arrays
 from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, choose_postprocessing, fold_of,
                                    load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params,
-                                   blur_slices, _augment)
-from rtjax.seg.slices import SliceModelConfig, SliceWeights, context_slices, predict_volume
+                                   blur_slices, intensity_curves, CURVE_KNOTS, _augment,
+                                   _random_curves)
+from rtjax.seg.slices import TTA_FLIPS, SliceModelConfig, SliceWeights, context_slices, predict_volume
 from rtjax.seg.model import UNetConfig
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -139,6 +140,14 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
                                 brain_mask=brain, weights=weights, uncertainty=True)
     assert masks.whole.shape == labels.shape and unc.shape == labels.shape
     assert not (masks.whole & ~brain).any()
+    # flip TTA: the mean over the in-plane flips of the plain prediction of flipped inputs
+    rng = np.random.default_rng(1)
+    t1c, flair = (np.where(brain, rng.normal(1.0, 0.3, brain.shape), 0.0) for _ in range(2))
+    plain = lambda axes: np.flip(weights.probabilities(np.flip(t1c, axes), np.flip(flair, axes), (2.0,) * 3,
+                                                       np.flip(brain, axes))[0], axes)
+    got = weights.probabilities(t1c, flair, (2.0,) * 3, brain, tta=True)[0]
+    np.testing.assert_allclose(got, np.mean([plain(a) for a in TTA_FLIPS], axis=0), atol=1e-6)
+    assert not np.allclose(got, plain(()), atol=1e-4)
     # warm start of a new workdir from the exported folds: member k initialises fold k
     member1 = warm_start_params(tmp_path / "run" / "weights", more, 1)
     np.testing.assert_array_equal(jax.tree.leaves(member1)[0], jax.tree.leaves(weights.params)[0][1])
@@ -282,3 +291,29 @@ def test_augment_without_blur_keeps_its_random_stream_and_with_blur_changes_only
     np.testing.assert_array_equal(plain[0], default[0])
     np.testing.assert_array_equal(plain[1], blurred[1])  # targets are never blurred
     assert not np.allclose(plain[0], blurred[0])
+
+
+def test_intensity_curves_map_each_modality_by_its_own_curve_on_every_context_slice():
+    knots = np.array(CURVE_KNOTS)
+    x = np.linspace(-9.0, 12.0, 2 * 5 * 3 * 6, dtype=np.float32).reshape(2, 5, 3, 6)  # 3 slices x 2 modalities
+    values = np.stack([np.stack([2 * knots, knots + 1]), np.stack([np.abs(knots), -knots])])  # (b, modality, knot)
+    got = np.asarray(intensity_curves(x, values)).reshape(2, 5, 3, 3, 2)
+    s = x.reshape(2, 5, 3, 3, 2)
+    np.testing.assert_allclose(got[0, ..., 0], 2 * s[0, ..., 0], atol=1e-5)  # linear curves continue beyond the knots
+    np.testing.assert_allclose(got[0, ..., 1], s[0, ..., 1] + 1, atol=1e-5)
+    # |z| between the knots, then continued with the end slopes (-1 below -4, +1 above 8)
+    np.testing.assert_allclose(got[1, ..., 0], np.abs(s[1, ..., 0]), atol=1e-5)
+    np.testing.assert_allclose(got[1, ..., 1], -s[1, ..., 1], atol=1e-5)
+
+
+def test_random_contrast_curves_are_monotonic_keep_zero_and_are_shared_by_the_context_slices():
+    ramp = np.linspace(-6.0, 10.0, 64, dtype=np.float32)
+    x = np.broadcast_to(ramp[None, :, None, None], (8, 64, 2, 10)).copy()
+    got = np.asarray(_random_curves(jax.random.key(5), x, 1.0, 2))
+    assert (np.diff(got, axis=1) > 0).all()  # monotonic: the tissue order is kept
+    s = got.reshape(8, 64, 2, 5, 2)
+    np.testing.assert_array_equal(s, np.broadcast_to(s[:, :, :, :1], s.shape))  # one curve per modality
+    assert not np.allclose(s[..., 0], s[..., 1]) and not np.allclose(got, x)
+    zero = np.asarray(_random_curves(jax.random.key(5), np.zeros((8, 4, 4, 10), np.float32), 1.0, 2))
+    np.testing.assert_allclose(zero, 0.0, atol=1e-6)
+    np.testing.assert_allclose(_random_curves(jax.random.key(5), x, 0.0, 2), x, atol=1e-5)  # share 0: identity

@@ -288,12 +288,15 @@ def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncert
 
     Returns (TumourMasks, uncertainty (X, Y, Z) float32 or None). Voxels outside the brain
     are never tumour; small stray components are dropped (`keep_fraction`), and for 2.5-D
-    weights an enhancing region below `min_enhancing_ml` becomes necrosis.
+    weights an enhancing region below `min_enhancing_ml` becomes necrosis. `tta`: flip
+    test-time augmentation (3-D weights: by default with `uncertainty`; 2.5-D weights: the
+    in-plane `TTA_FLIPS`, by default as their `model.tta`).
     """
 
     w = weights if isinstance(weights, (SegWeights, SliceWeights)) else load_weights(weights)
     if isinstance(w, SliceWeights):
-        probs, spread, brain = w.probabilities(t1c, flair, spacing, brain_mask)
+        probs, spread, brain = w.probabilities(t1c, flair, spacing, brain_mask,
+                                               tta=w.config.tta if tta is None else bool(tta))
         masks = probs_to_case_masks(probs, brain, w.config.keep_fraction,
                                     enhancing_voxels(w.config.min_enhancing_ml, spacing))
         return masks, spread if uncertainty else None

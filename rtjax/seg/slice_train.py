@@ -38,7 +38,7 @@ from rtjax.seg.slices import ARCHITECTURE, MODALITIES, SliceModelConfig, SliceWe
 from rtjax.seg.synth import blur_axis
 
 __all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "sample_batch", "paste_tumour",
-           "blur_slices",
+           "blur_slices", "intensity_curves", "CURVE_KNOTS",
            "train_slices", "cv_table"]
 
 
@@ -62,6 +62,9 @@ class SliceTrainConfig:
         blur: share of crops given the look of a lower-resolution scan (`blur_slices`:
             Gaussian blur in-plane, sigma 0.5-1.5 working voxels per axis, and mixing of
             neighbouring context slices); 0 draws nothing extra.
+        contrast: share of crops whose T1c and FLAIR are each remapped by a random monotonic
+            piecewise-linear curve of the brain z-score (`intensity_curves`, the same for
+            every context slice: another scanner's contrast); 0 draws nothing extra.
         max_seconds: wall-clock budget of all folds together (None: `steps` only).
         checkpoint_seconds: checkpoint interval.
         log_every: steps between log lines.
@@ -85,6 +88,7 @@ class SliceTrainConfig:
     tumour_fraction: float = 0.8
     copy_paste: float = 0.0
     blur: float = 0.0
+    contrast: float = 0.0
     max_seconds: float | None = None
     checkpoint_seconds: float = 180.0
     log_every: int = 25
@@ -230,10 +234,41 @@ def _random_blur(key, x, share: float, modalities: int):
     return blur_slices(x, sigma(kx), sigma(ky), mix, modalities)
 
 
-def _augment(key, x, y, blur: float = 0.0):
-    """Rotation/scaling, flips, optionally blur (`blur` share of the samples), bias field,
-    per-channel intensity scale/shift, gamma on the positive part, noise (inputs are brain
-    z-scores, 0 outside the brain)."""
+#: Knots (brain z-scores) of the random intensity curves of `train.contrast`.
+CURVE_KNOTS = tuple(float(k) for k in np.linspace(-4.0, 8.0, 7))
+
+
+def intensity_curves(x, values, modalities: int = 2):
+    """Each modality of (b, X, Y, S * modalities) slice-major stacks `x` mapped by its own
+    piecewise-linear curve through (`CURVE_KNOTS`, `values` (b, modalities, knots)), the
+    same for every context slice, continued linearly beyond the end knots."""
+    knots = jnp.asarray(CURVE_KNOTS)
+    b, nx, ny, channels = x.shape
+    s = x.reshape(b, nx, ny, channels // modalities, modalities)
+    slope_lo = (values[..., 1] - values[..., 0]) / (knots[1] - knots[0])  # (b, modalities)
+    slope_hi = (values[..., -1] - values[..., -2]) / (knots[-1] - knots[-2])
+    inner = jax.vmap(jax.vmap(lambda v, curve: jnp.interp(v, knots, curve), in_axes=(-1, 0), out_axes=-1))(s, values)
+    lo = values[..., 0][:, None, None, None] + (s - knots[0]) * slope_lo[:, None, None, None]
+    hi = values[..., -1][:, None, None, None] + (s - knots[-1]) * slope_hi[:, None, None, None]
+    return jnp.where(s < knots[0], lo, jnp.where(s > knots[-1], hi, inner)).reshape(x.shape)
+
+
+def _random_curves(key, x, share: float, modalities: int, spread: float = 0.35):
+    """`intensity_curves` on a random `share` of the samples: monotonic curves through 0 whose
+    segment slopes are log-normal (sigma `spread`); the other samples keep the identity."""
+    kp, ks = jax.random.split(key)
+    b, knots = x.shape[0], jnp.asarray(CURVE_KNOTS)
+    on = jax.random.bernoulli(kp, share, (b, 1, 1))
+    slopes = jnp.exp(jnp.where(on, spread * jax.random.normal(ks, (b, modalities, len(CURVE_KNOTS) - 1)), 0.0))
+    rise = jnp.concatenate([jnp.zeros((b, modalities, 1)), jnp.cumsum(slopes * jnp.diff(knots), -1)], -1)
+    zero = int(np.argmin(np.abs(np.asarray(CURVE_KNOTS))))  # the knot at z = 0 stays at 0
+    return intensity_curves(x, knots[0] + rise - (knots[0] + rise[..., zero:zero + 1]), modalities)
+
+
+def _augment(key, x, y, blur: float = 0.0, contrast: float = 0.0):
+    """Rotation/scaling, flips, optionally blur (`blur` share of the samples) and random
+    intensity curves (`contrast` share), bias field, per-channel intensity scale/shift, gamma
+    on the positive part, noise (inputs are brain z-scores, 0 outside the brain)."""
     kw, kf1, kf2, ks, kb, kg, kn, kbias = jax.random.split(key, 8)
     b, c = x.shape[0], x.shape[-1]
     x, y = _warp(kw, x, y)
@@ -244,6 +279,8 @@ def _augment(key, x, y, blur: float = 0.0):
     inside = x != 0
     if blur > 0:  # its own key: runs without blur keep their random stream
         x = _random_blur(jax.random.fold_in(key, 8), x, blur, MODALITIES)
+    if contrast > 0:
+        x = _random_curves(jax.random.fold_in(key, 9), x, contrast, MODALITIES)
     scale = jnp.exp(0.15 * jax.random.normal(ks, (b, 1, 1, c)))
     shift = 0.15 * jax.random.normal(kb, (b, 1, 1, c))
     gamma = jnp.exp(0.2 * jax.random.normal(kg, (b, 1, 1, c)))
@@ -262,10 +299,10 @@ def _loss(model, x, y):
     return bce + soft_dice.mean()
 
 
-def _make_step(graphdef, tx, blur: float = 0.0):
+def _make_step(graphdef, tx, blur: float = 0.0, contrast: float = 0.0):
     @jax.jit
     def step(params, opt_state, key, x, y):
-        x, y = _augment(key, x, y, blur)
+        x, y = _augment(key, x, y, blur, contrast)
         value, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), x, y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
@@ -338,7 +375,8 @@ def _held_out_probabilities(weights: SliceWeights, case, path: Path):
             probs, brain = stored["probs"].astype(np.float32), stored["brain"]
     else:
         brain = load_image(case.brain_mask, kind="mask").data if case.brain_mask else None
-        probs, _, brain = weights.probabilities(t1c.data, load_image(case.flair).data, t1c.spacing, brain)
+        probs, _, brain = weights.probabilities(t1c.data, load_image(case.flair).data, t1c.spacing, brain,
+                                                tta=weights.config.tta)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path.with_suffix(".tmp.npz"), probs=probs.astype(np.float16), brain=brain)
         path.with_suffix(".tmp.npz").replace(path)
@@ -379,7 +417,8 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params, steps, ensemble_def
         one = SliceWeights(ensemble_def, _stack([params]), cfg.model, cfg.version)
         for i, case in enumerate(found):
             if fold_of(i, t.folds) == fold:
-                cache = workdir / "cv_probs" / f"case{i:03d}_fold{fold}_step{steps[fold]}.npz"
+                tta = "_tta" if cfg.model.tta else ""
+                cache = workdir / "cv_probs" / f"case{i:03d}_fold{fold}_step{steps[fold]}{tta}.npz"
                 cases.append((case, fold, _held_out_probabilities(one, case, cache)))
                 log(f"held-out probabilities: {case.name} (fold {fold})")
     dice_rows = {c: [] for c in candidates}
@@ -431,7 +470,7 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
     views = [_train_view(p, cfg) for p in prepared]
     seconds = None if t.max_seconds is None else t.max_seconds / t.folds
     graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
-    step_fn = _make_step(graphdef, _optimizer(t), t.blur)  # one compilation serves every fold
+    step_fn = _make_step(graphdef, _optimizer(t), t.blur, t.contrast)  # one compilation serves every fold
     fold_params, steps = [], []
     for fold in chosen:
         train = [v for i, v in enumerate(views) if fold_of(i, t.folds) != fold]

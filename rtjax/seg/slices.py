@@ -27,13 +27,16 @@ from rtjax.seg.cases import normalise_pair
 from rtjax.seg.grid import resample_to_shape, working_shape
 from rtjax.seg.model import UNet, UNetConfig
 
-__all__ = ["ARCHITECTURE", "MODALITIES", "SliceModelConfig", "SliceWeights", "context_slices", "predict_volume",
+__all__ = ["ARCHITECTURE", "MODALITIES", "TTA_FLIPS", "SliceModelConfig", "SliceWeights", "context_slices", "predict_volume",
            "make_ensemble"]
 
 #: `architecture` value of a 2.5-D weights folder's config.yaml.
 ARCHITECTURE = "slices"
 #: Input images per context slice (T1c, FLAIR), interleaved slice-major in the channels.
 MODALITIES = 2
+#: Test-time flips of the 2.5-D model: the in-plane flips it was trained with (axes of
+#: (X, Y, Z, C)); through-plane flips were never seen in training.
+TTA_FLIPS = ((), (0,), (1,), (0, 1))
 
 
 def _default_unet() -> UNetConfig:
@@ -54,6 +57,7 @@ class SliceModelConfig:
         min_enhancing_ml: post-processing: a predicted enhancing region smaller than this
             in all, mL, becomes necrosis (0: never).
         batch: slices per network call at inference.
+        tta: average over the in-plane `TTA_FLIPS` at inference by default (4 passes).
     """
 
     unet: UNetConfig = field(default_factory=_default_unet)
@@ -63,6 +67,7 @@ class SliceModelConfig:
     keep_fraction: float = 0.2
     min_enhancing_ml: float = 0.0
     batch: int = 32
+    tta: bool = False
 
     def __post_init__(self):
         if self.unet.spatial_dims != 2 or self.unet.in_channels != MODALITIES * (2 * self.context + 1):
@@ -134,13 +139,16 @@ class SliceWeights:
         spread (max over regions of the standard deviation)."""
         return _mean_probs_jit()(self.graphdef, self.params, jnp.asarray(slices))
 
-    def probabilities(self, t1c, flair, spacing, brain=None):
+    def probabilities(self, t1c, flair, spacing, brain=None, tta: bool = False):
         """Region probabilities (X, Y, Z, 3) and spread (X, Y, Z) of raw or z-scored
         T1c/FLAIR (canonical arrays on one grid of voxel size `spacing` mm), on that grid;
-        also returns the brain mask used."""
+        also returns the brain mask used. `tta`: average over the in-plane `TTA_FLIPS`
+        (4 network passes instead of 1)."""
         x, brain = normalise_pair(t1c, flair, brain)
         cfg = self.config
-        work = working_shape(x.shape[:3], spacing, cfg.spacing)
-        out = predict_volume(self.apply, resample_to_shape(x, work), cfg.context, cfg.unet.divisor, cfg.batch)
-        out = resample_to_shape(out, x.shape[:3])
+        xw = resample_to_shape(x, working_shape(x.shape[:3], spacing, cfg.spacing))
+        flipped = lambda a, axes: np.flip(a, axes) if axes else a
+        outs = [flipped(predict_volume(self.apply, flipped(xw, axes), cfg.context, cfg.unet.divisor, cfg.batch), axes)
+                for axes in (TTA_FLIPS if tta else ((),))]
+        out = resample_to_shape(np.mean(outs, axis=0), x.shape[:3])
         return np.clip(out[..., :3], 0.0, 1.0), np.clip(out[..., 3], 0.0, None), brain
