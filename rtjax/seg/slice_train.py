@@ -502,6 +502,8 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
     sources = Counter(name.split("/")[0] for name in cases)
     mean = summary["mean"]
     pasted = f", {t.copy_paste:.0%} with a tumour pasted in from another case" if t.copy_paste else ""
+    looks = "".join([f", a lower-resolution look ({t.blur:.0%} of the crops)" if t.blur else "",
+                     f", random intensity curves ({t.contrast:.0%})" if t.contrast else ""])
     et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
                if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
                "(the size rule did not raise the held-out Dice)")
@@ -521,7 +523,7 @@ CPU: one model per fold of a {t.folds}-fold split by patient of the {len(cases)}
 cases ({", ".join(f"{k} {v}" for k, v in sources.items())}), trained on the other folds only;
 {"/".join(str(s) for s in summary["steps"])} steps of {t.batch} random {t.crop} x {t.crop} slice
 crops ({t.tumour_fraction:.0%} through the tumour{pasted}); BCE + soft Dice; rotation/scaling, flips,
-bias field, intensity scale/shift, gamma, noise. The members are the fold models.
+bias field, intensity scale/shift, gamma, noise{looks}. The members are the fold models.
 
 **Cross-validation** (each case scored by the fold model that never saw it, on its original
 grid; Dice, HD95 in mm; TCGA-FG-6692 against the algorithm fusion): mean Dice WT
