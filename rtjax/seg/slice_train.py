@@ -262,7 +262,7 @@ def _random_curves(key, x, share: float, modalities: int, spread: float = 0.35):
     slopes = jnp.exp(jnp.where(on, spread * jax.random.normal(ks, (b, modalities, len(CURVE_KNOTS) - 1)), 0.0))
     rise = jnp.concatenate([jnp.zeros((b, modalities, 1)), jnp.cumsum(slopes * jnp.diff(knots), -1)], -1)
     zero = int(np.argmin(np.abs(np.asarray(CURVE_KNOTS))))  # the knot at z = 0 stays at 0
-    return intensity_curves(x, knots[0] + rise - (knots[0] + rise[..., zero:zero + 1]), modalities)
+    return intensity_curves(x, rise - rise[..., zero:zero + 1], modalities)
 
 
 def _augment(key, x, y, blur: float = 0.0, contrast: float = 0.0):
