@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rtjax.experiments.seg_probes import missed_rows, threshold_rows
+from rtjax.experiments.seg_probes import missed_rows, subset_dice, threshold_rows
 
 
 def _case():
@@ -29,3 +29,15 @@ def test_missed_rows_give_the_share_of_missed_tumour_below_each_probability():
     (row,) = missed_rows([_case()], voxel_ml=1.0)
     assert (row["reference_ml"], row["network_ml"], row["missed_ml"]) == (16.0, 8.0, 8.0)
     assert row["missed_below_0.3"] == 0.5 and row["missed_below_0.1"] == 0.5
+
+
+def test_subset_dice_scores_the_mean_probabilities_of_each_subset_of_views():
+    _, probs, brain, ref = _case()
+    other = np.where(ref, 0.9, 0.0).astype(np.float32)
+    other[5:7, 3:7, 0] = 0.2  # the second view misses the last two rows, sees the first two
+    got = subset_dice({"axial": probs, "coronal": other}, brain, ref,
+                      [("axial",), ("coronal",), ("axial", "coronal")])
+    assert got[("axial",)][0] == pytest.approx(2 * 8 / (8 + 16))
+    assert got[("coronal",)][0] == pytest.approx(2 * 8 / (8 + 16))
+    # mean: first row (0.45 + 0.9) / 2, rows 5-6 (0.9 + 0.2) / 2 = 0.55 kept; second row 0.475 dropped
+    assert got[("axial", "coronal")] == pytest.approx([2 * 12 / (12 + 16)] * 3)

@@ -1,6 +1,7 @@
 """The 2.5-D segmentation model: real-case loader on every layout, normalisation, slices,
 a tiny train -> checkpoint -> resume -> export -> segment round trip."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -17,7 +18,8 @@ from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, choose_post
                                    load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params,
                                    blur_slices, intensity_curves, CURVE_KNOTS, _augment,
                                    _random_curves)
-from rtjax.seg.slices import TTA_FLIPS, SliceModelConfig, SliceWeights, context_slices, predict_volume
+from rtjax.seg.slices import (TTA_FLIPS, SliceModelConfig, SliceWeights, combine_passes, context_slices, from_view,
+                              predict_volume, to_view)
 from rtjax.seg.model import UNetConfig
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -106,6 +108,15 @@ def test_context_slices_stack_neighbours_with_repeated_edges_and_predict_round_t
     assert out.shape == (3, 4, 5, 3)
     np.testing.assert_array_equal(out[..., :2], x)
     assert fold_of(0, 3) == 0 and fold_of(4, 3) == 1
+    # slices whose whole context is empty (outside the brain) are skipped and give 0
+    sparse = np.zeros((3, 4, 9, 2), np.float32)
+    sparse[..., 4, :] = 1.0
+    seen = []
+    out = predict_volume(lambda b: seen.append(len(b)) or b[..., 2:5] + 1.0, sparse, context=1, divisor=4, batch=2)
+    assert seen == [2, 2]  # slices 3, 4, 5 in two calls of the batch size
+    np.testing.assert_array_equal(out[..., 3, 0], 1.0)  # context (0, 0, 1): output 0 + 1
+    np.testing.assert_array_equal(out[..., 4, 0], 2.0)
+    np.testing.assert_array_equal(out[..., [0, 1, 2, 6, 7, 8], :], 0.0)
 
 
 def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path, capsys):
@@ -117,7 +128,7 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
     cfg = SliceSegConfig(version="test", model=model, train=train)
     # one fold alone (as a parallel process would), then the rest, cross-validation and export
     alone = train_slices(cfg, tmp_path / "run", folds=[1])
-    assert alone == {"trained_folds": [1], "steps": [3]}
+    assert alone == {"trained_folds": [1], "trained_views": ["axial"], "steps": [3]}
     assert not (tmp_path / "run" / "weights").exists() and not (tmp_path / "run" / "cv.json").exists()
     with pytest.raises(ValueError, match="fold 2 does not exist"):
         train_slices(cfg, tmp_path / "run", folds=[0, 2])
@@ -159,13 +170,66 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
     with pytest.raises(ValueError, match="ensemble members"):
         warm_start_params(tmp_path / "run" / "weights",
                           SliceSegConfig(model=model, train=SliceTrainConfig(folds=3)), 0)
+    # views: each coronal fold model warm-starts from the axial member of its fold, trains
+    # alone (--view), and the export holds folds x views members, view-major
+    two = SliceSegConfig(version="test", model=dataclasses.replace(model, views=("axial", "coronal"), members=4),
+                         train=warm.train)
+    lines = []
+    part = train_slices(two, tmp_path / "views", log=lines.append, views=["coronal"])
+    assert part["trained_views"] == ["coronal"] and part["steps"] == [2, 2]
+    assert f"fold 1 (coronal): warm start from {tmp_path / 'run' / 'weights'}" in lines
+    assert (tmp_path / "views" / "coronal_fold1").is_dir() and not (tmp_path / "views" / "fold1").exists()
+    with pytest.raises(ValueError, match="view 'sagittal' is not in model.views"):
+        train_slices(two, tmp_path / "views", views=["sagittal"])
+    summary = train_slices(two, tmp_path / "views")
+    assert summary["views"] == ["axial", "coronal"] and summary["steps"] == [2, 2, 2, 2]
+    both = load_weights(tmp_path / "views" / "weights")
+    assert both.config.views == ("axial", "coronal") and both.config.members == 4
+    assert "4 (2 folds x 2 views)" in (tmp_path / "views" / "weights" / "MODEL_CARD.md").read_text()
+    one_view = lambda params, view: SliceWeights(both.graphdef, params,
+                                                 dataclasses.replace(both.config, views=(view,), members=2), "v")
+    per_view = [one_view(both.view_params(v), v).probabilities(t1c, flair, (2.0,) * 3, brain)[0]
+                for v in ("axial", "coronal")]
+    np.testing.assert_allclose(both.probabilities(t1c, flair, (2.0,) * 3, brain)[0], np.mean(per_view, 0), atol=1e-6)
+    # the coronal members see coronal slices: an axial model of the volume turned about x
+    turned = one_view(both.view_params("coronal"), "axial").probabilities(
+        *(np.moveaxis(a, 1, 2) for a in (t1c, flair)), (2.0,) * 3, np.moveaxis(brain, 1, 2))[0]
+    np.testing.assert_allclose(np.moveaxis(turned, 2, 1), per_view[1], atol=1e-6)
+
+
+def test_views_move_their_slice_axis_last_and_back_and_are_checked():
+    a = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    assert to_view(a, "sagittal").shape == (3, 4, 2, 5) and to_view(a, "coronal").shape == (2, 4, 3, 5)
+    np.testing.assert_array_equal(to_view(a, "coronal")[1, 2, :, 3], a[1, :, 2, 3])
+    for view in ("axial", "coronal", "sagittal"):
+        np.testing.assert_array_equal(from_view(to_view(a, view), view), a)
+    with pytest.raises(ValueError, match="views: distinct names"):
+        SliceModelConfig(views=("axial", "oblique"))
+    with pytest.raises(ValueError, match="views: distinct names"):
+        SliceModelConfig(views=("axial", "axial"))
+    with pytest.raises(ValueError, match="multiple of the 2 views"):
+        SliceModelConfig(views=("axial", "coronal"), members=3)
+    assert SliceModelConfig(views=("axial", "coronal"), members=6).folds == 3
+
+
+def test_combined_passes_give_the_mean_and_spread_over_all_members():
+    rng = np.random.default_rng(0)
+    members = rng.random((3, 4, 5, 3))  # 3 groups (views) of 4 members, 5 voxels, 3 regions
+    passes = [np.concatenate([g.mean(0), g.std(0)], -1) for g in members]
+    got = combine_passes(passes)
+    everyone = members.reshape(12, 5, 3)
+    np.testing.assert_allclose(got[..., :3], everyone.mean(0), atol=1e-12)
+    np.testing.assert_allclose(got[..., 3], everyone.std(0).max(-1), atol=1e-12)
+    np.testing.assert_array_equal(combine_passes(passes[:1])[..., 3], passes[0][..., 3:].max(-1))
 
 
 def test_shipped_config_is_a_slices_config_with_the_shipped_architecture():
     path = Path(__file__).parents[1] / "configs" / "seg_slices.yaml"
     assert read_yaml(path)["architecture"] == "slices"  # what `rtjax train-seg` dispatches on
     cfg = load_slice_config(path)
-    assert load_weights().config.unet == cfg.model.unet
+    shipped = load_weights().config
+    assert shipped.unet == cfg.model.unet and shipped.views == cfg.model.views
+    assert shipped.members == cfg.train.folds * len(cfg.model.views)
 
 
 def test_postprocessing_drops_stray_components_and_relabels_a_small_enhancing_region():
@@ -226,7 +290,7 @@ def test_uncertainty_table_reports_the_rank_correlation_of_uncertainty_and_dice(
 def test_train_seg_refuses_fold_for_the_3d_model(tmp_path):
     config = Path(__file__).parents[1] / "configs" / "seg_tiny.yaml"
     result = CliRunner().invoke(app, ["train-seg", str(config), "--workdir", str(tmp_path / "w"), "--fold", "0"])
-    assert result.exit_code != 0 and "--fold applies to the 2.5-D model" in result.output
+    assert result.exit_code != 0 and "--fold and --view apply to the 2.5-D model" in result.output
     assert not (tmp_path / "w").exists()
 
 

@@ -1,8 +1,11 @@
-"""Two probes behind numbers in docs/segmentation.md.
+"""Probes behind numbers in docs/segmentation.md.
 
 `threshold_rows(workdir)`: the held-out Dice per region at other probability thresholds than
 0.5, and how much of the missed whole tumour of each case sits below 0.3 / 0.1, from the
 cross-validation's cached probabilities (`WORKDIR/cv_probs`, written by `rtjax train-seg`).
+`view_rows(workdir, root, subsets)`: the held-out Dice per region of the mean of the cached
+probabilities of each subset of views (2.5-D models of several `model.views`), one case in
+memory at a time.
 `bias_rows(demo_dir)`: the shipped network's Dice on the demo patient rendered with bias
 fields of other strengths (`rtjax.seg.synth.RenderConfig.bias`), from a `rtjax demo` folder.
 """
@@ -23,24 +26,67 @@ from rtjax.seg.model import REGIONS, masks_to_regions
 from rtjax.seg.synth import render_case
 from rtjax.simulate import load_tissue
 
-__all__ = ["bias_rows", "held_out_cases", "missed_rows", "threshold_rows"]
+__all__ = ["bias_rows", "held_out_cases", "missed_rows", "subset_dice", "threshold_rows", "view_rows"]
 
 
 def held_out_cases(workdir, root):
     """(name, probabilities (X, Y, Z, 3), brain, reference regions (X, Y, Z, 3) bool) of
-    every labelled case under `root` with cached held-out probabilities in `workdir`."""
+    every labelled case under `root` with cached held-out (axial) probabilities in `workdir`."""
     out = []
     for i, case in enumerate(find_labelled_cases(root)):
-        cached = sorted(Path(workdir, "cv_probs").glob(f"case{i:03d}_fold*.npz"))
-        if not cached:
+        cached = _cached_probs(workdir, i)
+        if cached is None:
             continue
-        with np.load(cached[-1]) as stored:
-            probs, brain = stored["probs"].astype(np.float32), stored["brain"]
+        probs, brain = cached
         masks, _ = load_tumour_masks(case.labels, case.convention)
         out.append((case.name, probs, brain, masks_to_regions(masks) > 0.5))
     if not out:
         raise FileNotFoundError(f"{workdir}: no cv_probs/case*_fold*.npz (run `rtjax train-seg` there first)")
     return out
+
+
+def _cached_probs(workdir, index: int, view: str = "axial"):
+    """Held-out probabilities and brain of case `index` for `view` in `workdir/cv_probs`
+    (the newest step), or None."""
+    tag = "" if view == "axial" else f"_{view}"
+    cached = sorted(Path(workdir, "cv_probs").glob(f"case{index:03d}{tag}_fold*.npz"))
+    if not cached:
+        return None
+    with np.load(cached[-1]) as stored:
+        return stored["probs"].astype(np.float32), stored["brain"]
+
+
+def subset_dice(probs_by_view: dict, brain, ref, subsets, keep_fraction: float = 0.5) -> dict:
+    """{subset: [Dice WT, TC, ET]} of the mean probabilities (X, Y, Z, 3) of each subset
+    (a tuple of keys of `probs_by_view`) against boolean reference regions `ref`."""
+    out = {}
+    for subset in subsets:
+        probs = np.mean([probs_by_view[v] for v in subset], axis=0)
+        got = masks_to_regions(probs_to_case_masks(probs, brain, keep_fraction)) > 0.5
+        out[subset] = [dice(got[..., k], ref[..., k]) for k in range(len(REGIONS))]
+    return out
+
+
+def view_rows(workdir, root, subsets, keep_fraction: float = 0.5) -> list[dict]:
+    """Mean held-out Dice per region of each subset of views (tuples of `VIEWS` names),
+    over the cases with cached probabilities for every view used."""
+    views = sorted({v for subset in subsets for v in subset})
+    scores = {subset: [] for subset in subsets}
+    for i, case in enumerate(find_labelled_cases(root)):
+        cached = {v: _cached_probs(workdir, i, v) for v in views}
+        if any(c is None for c in cached.values()):
+            continue
+        masks, _ = load_tumour_masks(case.labels, case.convention)
+        brain = next(iter(cached.values()))[1]
+        got = subset_dice({v: c[0] for v, c in cached.items()}, brain, masks_to_regions(masks) > 0.5, subsets,
+                          keep_fraction)
+        for subset, row in got.items():
+            scores[subset].append(row)
+    if not scores[subsets[0]]:
+        raise FileNotFoundError(f"{workdir}: no case has cached probabilities for every view of {views}")
+    return [{"views": "+".join(subset), "cases": len(rows),
+             **{f"dice_{r}": float(np.mean([row[k] for row in rows])) for k, r in enumerate(REGIONS)}}
+            for subset, rows in scores.items()]
 
 
 def threshold_rows(cases, thresholds=(0.3, 0.35, 0.4, 0.45, 0.5), keep_fraction: float = 0.5) -> list[dict]:

@@ -13,6 +13,7 @@ the fold models are exported as the ensemble (`workdir/weights`, the shipped lay
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -34,10 +35,12 @@ from rtjax.seg.data import resolve_data_root
 from rtjax.seg.cases import cached_case, find_labelled_cases
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks
 from rtjax.seg.model import REGIONS, UNet, masks_to_regions, small_enhancing_to_necrosis
-from rtjax.seg.slices import ARCHITECTURE, MODALITIES, SliceModelConfig, SliceWeights, context_slices, make_ensemble
+from rtjax.seg.slices import (ARCHITECTURE, MODALITIES, VIEWS, SliceModelConfig, SliceWeights, combine_passes,
+                              context_slices, make_ensemble, to_view)
 from rtjax.seg.synth import blur_axis
 
-__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "sample_batch", "paste_tumour",
+__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "member_name", "sample_batch",
+           "paste_tumour",
            "blur_slices", "intensity_curves", "CURVE_KNOTS",
            "train_slices", "cv_table"]
 
@@ -161,15 +164,15 @@ def sample_batch(rng, cases, cfg: SliceSegConfig):
     return np.stack(xs), np.stack(ys).astype(np.float32)
 
 
-def _train_view(case, cfg: SliceSegConfig) -> dict:
-    """A case as slices padded to at least `crop` in-plane, with crop-centre pools."""
+def _train_view(case, cfg: SliceSegConfig, view: str = "axial") -> dict:
+    """A case as slices of `view` padded to at least `crop` in-plane, with crop-centre pools."""
     crop = cfg.train.crop
-    x = context_slices(case.x, cfg.model.context)
-    y = np.moveaxis(case.regions, 2, 0)
+    x = context_slices(to_view(case.x, view), cfg.model.context)
+    y = np.moveaxis(to_view(case.regions, view), 2, 0)
     px, py = max(0, crop - x.shape[1]), max(0, crop - x.shape[2])
     pads = ((0, 0), (px // 2, px - px // 2), (py // 2, py - py // 2), (0, 0))
     x, y = np.pad(x, pads), np.pad(y, pads)
-    brain = np.pad(np.moveaxis(case.brain, 2, 0), pads[:3])
+    brain = np.pad(np.moveaxis(to_view(case.brain, view), 2, 0), pads[:3])
     tumour = np.argwhere(y[..., 0])[:, [1, 2, 0]]
     return {"x": x, "y": y, "tumour": tumour, "brain": np.argwhere(brain)[:, [1, 2, 0]]}
 
@@ -318,35 +321,48 @@ def _optimizer(t: SliceTrainConfig):
                                                          t.learning_rate * 0.02))
 
 
-def warm_start_params(path, cfg: SliceSegConfig, fold: int):
-    """Parameters of member `fold` of the 2.5-D weights folder `path`, checked against the
-    architecture of `cfg` (same U-Net, one member per fold)."""
+def member_name(view: str, fold: int) -> str:
+    """Checkpoint folder (under the workdir) of the fold model of `view`: ``fold{k}`` for
+    axial (as before views existed), ``{view}_fold{k}`` otherwise."""
+    return f"fold{fold}" if view == "axial" else f"{view}_fold{fold}"
+
+
+def warm_start_params(path, cfg: SliceSegConfig, fold: int, view: str = "axial"):
+    """Parameters of the fold-`fold` member of the 2.5-D weights folder `path` for `view`
+    (its first view's when it has no `view` models: e.g. axial weights start a coronal
+    model), checked against the architecture of `cfg` (same U-Net, same folds)."""
     weights = load_weights(path)
     if not isinstance(weights, SliceWeights) or weights.config.unet != cfg.model.unet:
         raise ValueError(f"{path}: train.init_weights must be 2.5-D weights with the same U-Net "
                          f"as the config ({cfg.model.unet})")
+    views = weights.config.views
     members = jax.tree.leaves(weights.params)[0].shape[0]
-    if members != cfg.train.folds:
-        raise ValueError(f"{path}: {members} ensemble members, but the config trains "
-                         f"{cfg.train.folds} folds (member k warm-starts fold k)")
-    return jax.tree.map(lambda a: jnp.asarray(a[fold]), weights.params)
+    if members != cfg.train.folds * len(views):
+        raise ValueError(f"{path}: {members} ensemble members for {len(views)} view(s), but the config trains "
+                         f"{cfg.train.folds} folds (member k of a view warm-starts fold k)")
+    member = (views.index(view) if view in views else 0) * cfg.train.folds + fold
+    return jax.tree.map(lambda a: jnp.asarray(a[member]), weights.params)
 
 
 def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path, seconds: float | None,
-                step_fn, log):
+                step_fn, log, view: str = "axial"):
     t = cfg.train
+    name = fold if view == "axial" else f"{fold} ({view})"
     params = nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(t.seed + fold)))[1]
     opt_state = _optimizer(t).init(params)
-    with TrainCheckpoints(workdir / f"fold{fold}", keep=2) as ckpt:
+    with TrainCheckpoints(workdir / member_name(view, fold), keep=2) as ckpt:
         step = ckpt.latest_step() or 0
         if step:
             params, opt_state = ckpt.restore(step, params, opt_state)
-            log(f"fold {fold}: resumed at step {step}")
+            log(f"fold {name}: resumed at step {step}")
         elif t.init_weights:
-            params = warm_start_params(t.init_weights, cfg, fold)
-            log(f"fold {fold}: warm start from {t.init_weights}")
-        rng = np.random.default_rng([t.seed, fold, step])
+            params = warm_start_params(t.init_weights, cfg, fold, view)
+            log(f"fold {name}: warm start from {t.init_weights}")
+        # axial keeps the random streams it had before views existed
+        stream = [] if view == "axial" else [VIEWS[view] + 1]
+        rng = np.random.default_rng([t.seed, fold, step, *stream])
         key = jax.random.key(t.seed * 1000 + fold)
+        key = jax.random.fold_in(key, stream[0]) if stream else key
         start = last_ckpt = time.monotonic()
         losses = []
         while step < t.steps and (seconds is None or time.monotonic() - start < seconds):
@@ -356,7 +372,7 @@ def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path
             losses.append(float(value))
             if step % t.log_every == 0:
                 rate = t.batch * len(losses) / (time.monotonic() - start)
-                log(f"fold {fold} step {step} loss {np.mean(losses[-t.log_every:]):.4f} ({rate:.1f} slices/s)")
+                log(f"fold {name} step {step} loss {np.mean(losses[-t.log_every:]):.4f} ({rate:.1f} slices/s)")
             if time.monotonic() - last_ckpt > t.checkpoint_seconds:
                 ckpt.save(step, params, opt_state)
                 last_ckpt = time.monotonic()
@@ -406,21 +422,30 @@ def choose_postprocessing(dice_rows: dict[tuple[float, float], list[dict]]) -> t
     return max(dice_rows, key=lambda k: mean_dice(dice_rows[k]))
 
 
-def _cross_validate(cfg: SliceSegConfig, found, fold_params, steps, ensemble_def, workdir: Path, log):
-    """Score every held-out case with its fold's model under each post-processing candidate
-    (Dice), choose the best by mean Dice, then score that choice with HD95 too. Returns
-    (rows of the chosen post-processing, {candidate: mean Dice per region}, the choice)."""
+def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, ensemble_def, workdir: Path, log):
+    """Score every held-out case with its fold's models (the mean of their probabilities
+    over the views) under each post-processing candidate (Dice), choose the best by mean
+    Dice, then score that choice with HD95 too. Returns (rows of the chosen
+    post-processing, {candidate: mean Dice per region}, the choice). `fold_params`, `steps`:
+    per (view, fold)."""
     t = cfg.train
     candidates = [(float(k), float(e)) for k in t.keep_fractions for e in t.min_enhancing_ml]
+    tta = "_tta" if cfg.model.tta else ""
     cases = []
-    for fold, params in enumerate(fold_params):
-        one = SliceWeights(ensemble_def, _stack([params]), cfg.model, cfg.version)
+    for fold in range(t.folds):
         for i, case in enumerate(found):
-            if fold_of(i, t.folds) == fold:
-                tta = "_tta" if cfg.model.tta else ""
-                cache = workdir / "cv_probs" / f"case{i:03d}_fold{fold}_step{steps[fold]}{tta}.npz"
-                cases.append((case, fold, _held_out_probabilities(one, case, cache)))
-                log(f"held-out probabilities: {case.name} (fold {fold})")
+            if fold_of(i, t.folds) != fold:
+                continue
+            per_view = []
+            for view in cfg.model.views:
+                one = SliceWeights(ensemble_def, _stack([fold_params[view, fold]]),
+                                   dataclasses.replace(cfg.model, views=(view,), members=1), cfg.version)
+                tag = "" if view == "axial" else f"_{view}"
+                cache = workdir / "cv_probs" / f"case{i:03d}{tag}_fold{fold}_step{steps[view, fold]}{tta}.npz"
+                per_view.append(_held_out_probabilities(one, case, cache))
+            probs = per_view[0][0] if len(per_view) == 1 else np.mean([p[0] for p in per_view], axis=0)
+            cases.append((case, fold, (probs, *per_view[0][1:])))
+            log(f"held-out probabilities: {case.name} (fold {fold})")
     dice_rows = {c: [] for c in candidates}
     for case, fold, (probs, brain, ref, spacing) in cases:
         for keep in t.keep_fractions:
@@ -444,13 +469,16 @@ def _stack(params_list):
     return jax.tree.map(lambda *a: jnp.stack(a), *params_list)
 
 
-def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | None = None) -> dict:
-    """Train the k fold models, cross-validate, export `workdir/weights`; returns the summary.
+def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | None = None,
+                 views: list[str] | None = None) -> dict:
+    """Train the k fold models of every view, cross-validate, export `workdir/weights`;
+    returns the summary.
 
-    `folds`: train only these folds (each with its share `max_seconds / k` of the budget) and
-    stop before cross-validation, so that folds can train in parallel processes on one
-    workdir; a later call without `folds` resumes every fold's checkpoint, cross-validates
-    and exports. Returns {"trained_folds", "steps"} then."""
+    `folds`, `views`: train only these folds / views (each fold model with its share
+    `max_seconds / (k * views)` of the budget) and stop before cross-validation, so that
+    they can train in parallel processes on one workdir; a later call without either
+    resumes every checkpoint, cross-validates and exports. Returns {"trained_folds",
+    "trained_views", "steps"} then."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
@@ -464,32 +492,37 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
     unknown = [f for f in chosen if f not in range(t.folds)]
     if unknown:
         raise ValueError(f"fold {unknown[0]} does not exist: train.folds is {t.folds} (folds 0-{t.folds - 1})")
+    chosen_views = [v for v in cfg.model.views if not views or v in views]
+    unknown = [v for v in views or () if v not in cfg.model.views]
+    if unknown:
+        raise ValueError(f"view {unknown[0]!r} is not in model.views {list(cfg.model.views)}")
     cache = Path(t.cache_dir) if t.cache_dir else workdir / "cache"
     log(f"{len(found)} labelled cases under {root}; caching on the {cfg.model.spacing} mm grid")
     prepared = [cached_case(c, cfg.model.spacing, cache) for c in found]
-    views = [_train_view(p, cfg) for p in prepared]
-    seconds = None if t.max_seconds is None else t.max_seconds / t.folds
+    seconds = None if t.max_seconds is None else t.max_seconds / (t.folds * len(cfg.model.views))
     graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
     step_fn = _make_step(graphdef, _optimizer(t), t.blur, t.contrast)  # one compilation serves every fold
-    fold_params, steps = [], []
-    for fold in chosen:
-        train = [v for i, v in enumerate(views) if fold_of(i, t.folds) != fold]
-        params, step = _train_fold(fold, train, cfg, workdir, seconds, step_fn, log)
-        fold_params.append(params)
-        steps.append(step)
-    if folds:
-        log(f"trained fold(s) {chosen}; run again without folds to cross-validate and export")
-        return {"trained_folds": chosen, "steps": steps}
+    fold_params, steps = {}, {}
+    for view in chosen_views:
+        slices = [_train_view(p, cfg, view) for p in prepared]
+        for fold in chosen:
+            train = [v for i, v in enumerate(slices) if fold_of(i, t.folds) != fold]
+            fold_params[view, fold], steps[view, fold] = _train_fold(fold, train, cfg, workdir, seconds, step_fn, log,
+                                                                     view)
+    if folds or views:
+        log(f"trained fold(s) {chosen} of view(s) {chosen_views}; run again without --fold/--view to "
+            "cross-validate and export")
+        return {"trained_folds": chosen, "trained_views": chosen_views, "steps": list(steps.values())}
     ensemble_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, t.folds)))[0]
     rows, tuning, (keep, et_ml) = _cross_validate(cfg, found, fold_params, steps, ensemble_def, workdir, log)
     log(f"post-processing chosen on the held-out cases: keep_fraction {keep:g}, min_enhancing_ml {et_ml:g}")
-    summary = {"folds": t.folds, "steps": steps, "cases": rows,
+    summary = {"folds": t.folds, "views": list(cfg.model.views), "steps": list(steps.values()), "cases": rows,
                "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")},
                "postprocessing": {"keep_fraction": keep, "min_enhancing_ml": et_ml, "mean_dice": tuning}}
     write_json_atomic(workdir / "cv.json", summary)
-    ensemble = nnx.merge(ensemble_def, _stack(fold_params))
+    ensemble = nnx.merge(ensemble_def, _stack(list(fold_params.values())))
     config = to_dict(cfg)
-    config["model"].update(members=t.folds, keep_fraction=keep, min_enhancing_ml=et_ml)
+    config["model"].update(members=len(fold_params), keep_fraction=keep, min_enhancing_ml=et_ml)
     summary["weights"] = str(save_weights(workdir / "weights", ensemble, config, summary,
                                           model_card=model_card(cfg, summary, [c.name for c in found])))
     return summary
@@ -504,13 +537,15 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
     pasted = f", {t.copy_paste:.0%} with a tumour pasted in from another case" if t.copy_paste else ""
     looks = "".join([f", a lower-resolution look ({t.blur:.0%} of the crops)" if t.blur else "",
                      f", random intensity curves ({t.contrast:.0%})" if t.contrast else ""])
+    views = " + ".join(m.views)
+    members = f"{t.folds}" if len(m.views) == 1 else f"{t.folds * len(m.views)} ({t.folds} folds x {len(m.views)} views)"
     et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
                if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
                "(the size rule did not raise the held-out Dice)")
     return f"""# Segmentation model `{cfg.version}` (rtjax.seg)
 
-**What it is.** An ensemble of {t.folds} 2-D U-Nets (`rtjax.seg.model.UNet`, `spatial_dims: 2`,
-widths {list(m.unet.widths)}, {m.unet.norm} norm) on axial slices at {m.spacing:g} mm with
+**What it is.** An ensemble of {members} 2-D U-Nets (`rtjax.seg.model.UNet`, `spatial_dims: 2`,
+widths {list(m.unet.widths)}, {m.unet.norm} norm) on {views} slices at {m.spacing:g} mm with
 {m.context} neighbouring slices on each side as channels (T1c + FLAIR, {m.unet.in_channels}
 channels), predicting the nested regions WT, TC, ET (sigmoids); members averaged and
 thresholded at 0.5. Post-processing, chosen by held-out Dice among
@@ -519,11 +554,11 @@ whole-tumour components below {pp['keep_fraction']:g} of the largest dropped, {e
 Config: `config.yaml` (`architecture: slices`).
 
 **Training.** `rtjax train-seg configs/seg_slices.yaml --workdir runs/seg_slices` on a 2-core
-CPU: one model per fold of a {t.folds}-fold split by patient of the {len(cases)} real labelled
+CPU: one model per fold (and view) of a {t.folds}-fold split by patient of the {len(cases)} real labelled
 cases ({", ".join(f"{k} {v}" for k, v in sources.items())}), trained on the other folds only;
 {"/".join(str(s) for s in summary["steps"])} steps of {t.batch} random {t.crop} x {t.crop} slice
 crops ({t.tumour_fraction:.0%} through the tumour{pasted}); BCE + soft Dice; rotation/scaling, flips,
-bias field, intensity scale/shift, gamma, noise{looks}. The members are the fold models.
+bias field, intensity scale/shift, gamma, noise{looks}. The members are the fold models{" of every view" if len(m.views) > 1 else ""}.
 
 **Cross-validation** (each case scored by the fold model that never saw it, on its original
 grid; Dice, HD95 in mm; TCGA-FG-6692 against the algorithm fusion): mean Dice WT

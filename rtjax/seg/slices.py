@@ -1,13 +1,18 @@
-"""The 2.5-D segmentation model: a 2-D U-Net on axial slices with neighbouring slices as
-channels, sized for CPU training (see docs/segmentation.md for the measured throughput).
+"""The 2.5-D segmentation model: 2-D U-Nets on slices (axial, and optionally coronal and
+sagittal: `VIEWS`) with neighbouring slices as channels, sized for CPU training (see
+docs/segmentation.md for the measured throughput).
 
-* `SliceModelConfig`: architecture (`UNetConfig` with `spatial_dims` 2), context slices,
-  working spacing, post-processing.
+* `SliceModelConfig`: architecture (`UNetConfig` with `spatial_dims` 2), views, context
+  slices, working spacing, post-processing.
+* `to_view(a, view)` / `from_view(a, view)`: a canonical volume with the view's slice axis
+  moved to axis 2, and back.
 * `context_slices(x, context)`: (X, Y, Z, C) -> (Z, X, Y, C * (2 * context + 1)) network
   inputs, the volume's edge slices repeated beyond its ends.
-* `predict_volume(apply, x, ...)`: region probabilities (X, Y, Z, 3) of a working-grid volume,
-  slice batches through `apply`.
-* `SliceWeights`: a fold ensemble ready for inference (`probabilities` on a case's own grid).
+* `predict_volume(apply, x, ...)`: per-slice outputs of a working-grid volume, slice batches
+  through `apply` (slices with an empty context skipped).
+* `combine_passes`: mean and spread over every member of several views (and flips).
+* `SliceWeights`: a fold (x view) ensemble ready for inference (`probabilities` on a case's
+  own grid).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from rtjax.seg.cases import normalise_pair
 from rtjax.seg.grid import resample_to_shape, working_shape
 from rtjax.seg.model import UNet, UNetConfig
 
-__all__ = ["ARCHITECTURE", "MODALITIES", "TTA_FLIPS", "SliceModelConfig", "SliceWeights", "context_slices", "predict_volume",
-           "make_ensemble"]
+__all__ = ["ARCHITECTURE", "MODALITIES", "TTA_FLIPS", "VIEWS", "SliceModelConfig", "SliceWeights", "combine_passes",
+           "context_slices", "from_view", "predict_volume", "make_ensemble", "to_view"]
 
 #: `architecture` value of a 2.5-D weights folder's config.yaml.
 ARCHITECTURE = "slices"
@@ -37,6 +42,8 @@ MODALITIES = 2
 #: Test-time flips of the 2.5-D model: the in-plane flips it was trained with (axes of
 #: (X, Y, Z, C)); through-plane flips were never seen in training.
 TTA_FLIPS = ((), (0,), (1,), (0, 1))
+#: Slice orientations: the canonical (RAS) axis each one slices along.
+VIEWS = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
 def _default_unet() -> UNetConfig:
@@ -49,9 +56,11 @@ class SliceModelConfig:
 
     Attributes:
         unet: the 2-D U-Net (`in_channels` = 2 modalities x (2 * context + 1) slices).
+        views: slice orientations (`VIEWS` names), each with its own fold models; their
+            probabilities are averaged.
         context: neighbouring slices on each side given as channels.
         spacing: working grid spacing, mm (isotropic).
-        members: ensemble members (the cross-validation folds).
+        members: ensemble members: the cross-validation folds x `views`, view-major.
         keep_fraction: post-processing: whole-tumour components smaller than this fraction
             of the largest are dropped.
         min_enhancing_ml: post-processing: a predicted enhancing region smaller than this
@@ -61,6 +70,7 @@ class SliceModelConfig:
     """
 
     unet: UNetConfig = field(default_factory=_default_unet)
+    views: tuple[str, ...] = ("axial",)
     context: int = 2
     spacing: float = 2.0
     members: int = 3
@@ -72,11 +82,44 @@ class SliceModelConfig:
     def __post_init__(self):
         if self.unet.spatial_dims != 2 or self.unet.in_channels != MODALITIES * (2 * self.context + 1):
             raise ValueError("unet: spatial_dims 2 and in_channels 2 * (2 * context + 1)")
+        unknown = [v for v in self.views if v not in VIEWS]
+        if unknown or not self.views or len(set(self.views)) != len(self.views):
+            raise ValueError(f"views: distinct names among {list(VIEWS)}, got {list(self.views)}")
+        if self.members % len(self.views):
+            raise ValueError(f"members ({self.members}) must be a multiple of the {len(self.views)} views")
+
+    @property
+    def folds(self) -> int:
+        """Members per view (the cross-validation folds)."""
+        return self.members // len(self.views)
 
 
 def make_ensemble(cfg: SliceModelConfig, members: int | None = None, seed: int = 0) -> UNet:
     """`members` (default `cfg.members`) independently initialised 2-D U-Nets, stacked."""
     return create_ensemble(lambda rngs: UNet(cfg.unet, rngs=rngs), members or cfg.members, seed)
+
+
+def to_view(a: np.ndarray, view: str) -> np.ndarray:
+    """Canonical (X, Y, Z, ...) array with the slice axis of `view` moved to axis 2."""
+    return np.moveaxis(a, VIEWS[view], 2)
+
+
+def from_view(a: np.ndarray, view: str) -> np.ndarray:
+    """Inverse of `to_view`."""
+    return np.moveaxis(a, 2, VIEWS[view])
+
+
+def combine_passes(passes: list[np.ndarray]) -> np.ndarray:
+    """(..., 6) mean and standard deviation per region of equal-sized member groups (views,
+    flips) -> (..., 4): the mean over all members and their standard deviation (law of
+    total variance), max over regions."""
+    if len(passes) == 1:
+        mean, std = passes[0][..., :3], passes[0][..., 3:]
+        return np.concatenate([mean, std.max(-1, keepdims=True)], axis=-1)
+    stack = np.stack(passes)
+    mean = stack[..., :3].mean(0)
+    var = (stack[..., 3:] ** 2 + stack[..., :3] ** 2).mean(0) - mean ** 2
+    return np.concatenate([mean, np.sqrt(np.clip(var, 0.0, None)).max(-1, keepdims=True)], axis=-1)
 
 
 def context_slices(x: np.ndarray, context: int) -> np.ndarray:
@@ -95,16 +138,24 @@ def _pad_to(a: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int]]:
 
 
 def predict_volume(apply: Callable, x: np.ndarray, context: int, divisor: int, batch: int = 32) -> np.ndarray:
-    """Probabilities (X, Y, Z, 3) of a working-grid volume `x` (X, Y, Z, 2): `apply` maps
-    (b, X', Y', C) slices to (b, X', Y', 3) probabilities."""
+    """Per-slice outputs (X, Y, Z, K) of a working-grid volume `x` (X, Y, Z, 2), axial
+    slices: `apply` maps (b, X', Y', C) slices to (b, X', Y', K) (e.g. probabilities).
+    Slices whose whole context is 0 (outside the brain) are not passed through `apply`;
+    their outputs are 0. Calls of `batch` slices (the last one padded): one compiled shape
+    per in-plane size."""
     slices, (nx, ny) = _pad_to(context_slices(np.asarray(x, np.float32), context), divisor)
+    occupied = np.flatnonzero(slices.reshape(len(slices), -1).any(-1))
     out = []
-    for start in range(0, len(slices), batch):
-        chunk = slices[start:start + batch]
-        pad = batch - len(chunk)  # one compiled shape per volume size
+    for start in range(0, len(occupied), batch):
+        chunk = slices[occupied[start:start + batch]]
+        pad = batch - len(chunk)
         probs = np.asarray(apply(np.pad(chunk, ((0, pad), (0, 0), (0, 0), (0, 0)))))
         out.append(probs[:len(chunk)])
-    return np.moveaxis(np.concatenate(out)[:, :nx, :ny], 0, 2)
+    if not out:
+        out = [np.asarray(apply(np.zeros((batch, *slices.shape[1:]), np.float32)))[:0]]  # the output width K
+    result = np.zeros((len(slices), *slices.shape[1:3], out[0].shape[-1]), np.float32)
+    result[occupied] = np.concatenate(out)
+    return np.moveaxis(result[:, :nx, :ny], 0, 2)
 
 
 @functools.cache
@@ -112,7 +163,7 @@ def _mean_probs_jit():
     def mean_probs(graphdef, params, x):
         logits = ensemble_apply(nnx.merge(graphdef, params), x)  # (K, b, X, Y, 3)
         p = jax.nn.sigmoid(logits)
-        return jnp.concatenate([p.mean(0), p.std(0).max(-1, keepdims=True)], axis=-1)
+        return jnp.concatenate([p.mean(0), p.std(0)], axis=-1)
     return jax.jit(mean_probs, static_argnums=0)
 
 
@@ -134,21 +185,39 @@ class SliceWeights:
         graphdef, params = nnx.split(restore(abstract))
         return cls(graphdef, params, cfg, str(data.get("version", "dev")), path)
 
-    def apply(self, slices: np.ndarray) -> np.ndarray:
-        """(b, X, Y, C) slices -> (b, X, Y, 4): mean WT/TC/ET probabilities and the ensemble
-        spread (max over regions of the standard deviation)."""
-        return _mean_probs_jit()(self.graphdef, self.params, jnp.asarray(slices))
+    def view_params(self, view: str):
+        """Stacked parameters of the members of `view` (one per fold)."""
+        if len(self.config.views) == 1:
+            return self.params
+        k, n = self.config.views.index(view), self.config.folds
+        return jax.tree.map(lambda a: a[k * n:(k + 1) * n], self.params)
+
+    def apply(self, slices: np.ndarray, params=None) -> np.ndarray:
+        """(b, X, Y, C) slices -> (b, X, Y, 6): mean WT/TC/ET probabilities over the members
+        of `params` (default: all) and their standard deviation per region."""
+        return _mean_probs_jit()(self.graphdef, self.params if params is None else params, jnp.asarray(slices))
+
+    def working_probabilities(self, xw: np.ndarray, tta: bool = False) -> np.ndarray:
+        """(X, Y, Z, 4) mean region probabilities and spread (`combine_passes`) of a
+        normalised working-grid volume (X, Y, Z, 2): every view's members, `tta`: also
+        over the in-plane `TTA_FLIPS` of each view."""
+        cfg = self.config
+        flipped = lambda a, axes: np.flip(a, axes) if axes else a
+        passes = []
+        for view in cfg.views:
+            apply = functools.partial(self.apply, params=self.view_params(view))
+            xv = to_view(xw, view)
+            passes += [from_view(flipped(predict_volume(apply, flipped(xv, axes), cfg.context, cfg.unet.divisor,
+                                                        cfg.batch), axes), view)
+                       for axes in (TTA_FLIPS if tta else ((),))]
+        return combine_passes(passes)
 
     def probabilities(self, t1c, flair, spacing, brain=None, tta: bool = False):
         """Region probabilities (X, Y, Z, 3) and spread (X, Y, Z) of raw or z-scored
         T1c/FLAIR (canonical arrays on one grid of voxel size `spacing` mm), on that grid;
         also returns the brain mask used. `tta`: average over the in-plane `TTA_FLIPS`
-        (4 network passes instead of 1)."""
+        (4 network passes per view instead of 1)."""
         x, brain = normalise_pair(t1c, flair, brain)
-        cfg = self.config
-        xw = resample_to_shape(x, working_shape(x.shape[:3], spacing, cfg.spacing))
-        flipped = lambda a, axes: np.flip(a, axes) if axes else a
-        outs = [flipped(predict_volume(self.apply, flipped(xw, axes), cfg.context, cfg.unet.divisor, cfg.batch), axes)
-                for axes in (TTA_FLIPS if tta else ((),))]
-        out = resample_to_shape(np.mean(outs, axis=0), x.shape[:3])
+        xw = resample_to_shape(x, working_shape(x.shape[:3], spacing, self.config.spacing))
+        out = resample_to_shape(self.working_probabilities(xw, tta), x.shape[:3])
         return np.clip(out[..., :3], 0.0, 1.0), np.clip(out[..., 3], 0.0, None), brain
