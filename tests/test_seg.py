@@ -147,6 +147,8 @@ def test_shipped_weights_reproduce_the_stored_reference(phantom):
     ref = TumourMasks(necrosis=stored["labels"] == 1, enhancing=stored["labels"] == 4, edema=stored["labels"] == 2)
     for p, r in ((masks.whole, ref.whole), (masks.core, ref.core), (masks.enhancing, ref.enhancing)):
         assert dice(p, r) > 0.99
+    probs = weights.probabilities(phantom["t1c"], phantom["flair"], phantom["spacing"])[0]
+    np.testing.assert_allclose(probs, stored["probs"].astype(np.float32), atol=2e-3)
 
 
 def test_renderer_invariants():
