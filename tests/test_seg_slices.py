@@ -17,7 +17,7 @@ from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks,
 from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, choose_postprocessing, fold_of,
                                    load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params,
                                    blur_slices, intensity_curves, CURVE_KNOTS, _augment,
-                                   _random_curves)
+                                   _random_curves, _train_view)
 from rtjax.seg.slices import (TTA_FLIPS, SliceModelConfig, SliceWeights, combine_passes, context_slices, from_view,
                               predict_volume, to_view)
 from rtjax.seg.model import UNetConfig
@@ -80,6 +80,39 @@ def test_cases_are_found_in_both_brats_namings_with_their_label_conventions(coho
         np.testing.assert_array_equal(prepared.regions[..., 2], labels == et)
         np.testing.assert_array_equal(prepared.brain, brain)
         assert np.abs(prepared.x).max() < 6  # the 32767 outliers are clipped away
+
+
+def test_a_1mm_case_on_the_2mm_grid_keeps_each_regions_share_and_soft_targets_use_it(tmp_path):
+    """A slab of edema (x = 4 .. 15 mm) on a 1 mm grid: working voxels far inside have share
+    1, far outside 0; across the edge at a working-voxel boundary (x = 4 mm) the shares are
+    symmetric (they sum to 1), the edge that halves a working voxel (x = 15 mm) gives 0.5,
+    and the volume is kept; soft targets train on these shares, hard ones on share >= 0.5."""
+    folder = tmp_path / "P3"
+    folder.mkdir()
+    one_mm = lambda data, name: nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4)), str(folder / name))
+    labels = np.zeros((32, 32, 32), np.int16)
+    labels[4:15] = 2  # edema from x = 4 to 14 mm (11 voxels), so its far edge is mid-voxel at 2 mm
+    brain = np.zeros(labels.shape, bool)
+    brain[2:30, 2:30, 2:30] = True
+    one_mm(np.where(brain, 100.0 + 50 * (labels > 0), 0).astype(np.int16), "P3_t1ce.nii.gz")
+    one_mm(np.where(brain, 100.0 + 80 * (labels > 0), 0).astype(np.int16), "P3_flair.nii.gz")
+    one_mm(labels, "P3_seg.nii.gz")
+    prepared = prepare_case(find_labelled_cases(tmp_path)[0], spacing_mm=2.0)
+    share = prepared.regions[:, 8, 8, 0]  # along x, away from the other edges
+    assert prepared.regions.shape == (16, 16, 16, 3) and prepared.regions.dtype == np.float32
+    np.testing.assert_allclose(share[[0, 3, 4, 5, 9, 10, 15]], [0, 1, 1, 1, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(share[7], 0.5, atol=1e-6)  # 2 mm voxel 7 covers x = 14, 15 mm: half inside
+    np.testing.assert_allclose([share[1] + share[2], share[6] + share[8]], [1, 1], atol=1e-6)
+    assert 0 < share[1] < 0.5 < share[2] < 1
+    np.testing.assert_allclose(share.sum() * 2, 11, atol=1e-5)  # 11 mm of edema along the line
+    np.testing.assert_array_equal(prepared.region_masks, prepared.regions >= 0.5)
+    assert not prepared.regions[..., 1:].any()
+    hard, soft = (_train_view(prepared, SliceSegConfig(train=SliceTrainConfig(crop=16, soft_targets=flag)))
+                  for flag in (False, True))
+    # the slices run along z (axial view): y is (Z, X, Y, 3)
+    np.testing.assert_array_equal(soft["y"][8, :, 8, 0], share)
+    np.testing.assert_array_equal(hard["y"][8, :, 8, 0], (share >= 0.5).astype(np.float32))
+    np.testing.assert_array_equal(hard["tumour"], soft["tumour"])
 
 
 def test_robust_normalisation_ignores_outliers_and_the_scanner_scale():

@@ -10,7 +10,8 @@
   (raw scanner scales differ ~30x and a few voxels sit at 32767), then z-scored in the brain;
   0 outside. Raw and pre-z-scored inputs come out alike.
 * `prepare_case(case, spacing_mm)`: the case on the network's working grid (same field of
-  view, isotropic `spacing_mm`): normalised T1c/FLAIR, WT/TC/ET region masks, brain mask.
+  view, isotropic `spacing_mm`): normalised T1c/FLAIR, the share of each working voxel in
+  the WT/TC/ET regions (partial volume; >= 0.5 is the region mask), brain mask.
 * `cached_case(case, spacing_mm, cache_dir)`: the same through an npz cache keyed by the
   files (path, size, mtime) and the preprocessing version, so epochs never re-read NIfTI.
 """
@@ -44,7 +45,8 @@ __all__ = [
 ]
 
 #: Bump when `prepare_case` changes: cached npz files of another version are rebuilt.
-PREPROCESSING_VERSION = 1
+#: 2: regions are partial-volume shares (float), no longer masks.
+PREPROCESSING_VERSION = 2
 PERCENTILES = (0.5, 99.5)
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class PreparedCase:
     Attributes:
         name: as in `LabelledCase`.
         x: (X, Y, Z, 2) float32 normalised T1c, FLAIR.
-        regions: (X, Y, Z, 3) bool WT, TC, ET.
+        regions: (X, Y, Z, 3) float32 share of each working voxel in WT, TC, ET (the
+            original-grid masks averaged; `region_masks` thresholds it at 0.5).
         brain: (X, Y, Z) bool.
         spacing: working voxel size, mm.
     """
@@ -80,6 +83,11 @@ class PreparedCase:
     regions: np.ndarray
     brain: np.ndarray
     spacing: float
+
+    @property
+    def region_masks(self) -> np.ndarray:
+        """(X, Y, Z, 3) bool WT, TC, ET on the working grid (share >= 0.5)."""
+        return self.regions >= 0.5
 
 
 def _nifti(folder: Path, stem: str) -> Path | None:
@@ -169,7 +177,7 @@ def prepare_case(case: LabelledCase, spacing_mm: float = 2.0) -> PreparedCase:
     return PreparedCase(
         name=case.name,
         x=resample_to_shape(x, shape),
-        regions=resample_to_shape(regions, shape) >= 0.5,
+        regions=np.clip(resample_to_shape(regions, shape), 0.0, 1.0),
         brain=resample_to_shape(brain.astype(np.float32), shape) >= 0.5,
         spacing=float(spacing_mm),
     )
@@ -187,11 +195,13 @@ def cached_case(case: LabelledCase, spacing_mm: float, cache_dir: str | Path) ->
     path = cache_dir / f"{_cache_key(case, spacing_mm)}.npz"
     if path.is_file():
         with np.load(path) as z:
-            return PreparedCase(case.name, z["x"].astype(np.float32), z["regions"], z["brain"], float(spacing_mm))
+            return PreparedCase(case.name, z["x"].astype(np.float32), z["regions"].astype(np.float32), z["brain"],
+                                float(spacing_mm))
     prepared = prepare_case(case, spacing_mm)
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".partial{os.getpid()}.npz")  # per process: folds may train in parallel
-    np.savez(partial, x=prepared.x.astype(np.float16), regions=prepared.regions, brain=prepared.brain)
+    np.savez(partial, x=prepared.x.astype(np.float16), regions=prepared.regions.astype(np.float16),
+             brain=prepared.brain)
     partial.replace(path)
-    return PreparedCase(case.name, prepared.x.astype(np.float16).astype(np.float32), prepared.regions,
-                        prepared.brain, prepared.spacing)
+    stored = lambda a: a.astype(np.float16).astype(np.float32)  # exactly what a later cache hit returns
+    return PreparedCase(case.name, stored(prepared.x), stored(prepared.regions), prepared.brain, prepared.spacing)

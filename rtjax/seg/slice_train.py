@@ -68,6 +68,10 @@ class SliceTrainConfig:
         contrast: share of crops whose T1c and FLAIR are each remapped by a random monotonic
             piecewise-linear curve of the brain z-score (`intensity_curves`, the same for
             every context slice: another scanner's contrast); 0 draws nothing extra.
+        soft_targets: train on the share of each working voxel in each region (partial
+            volume of the original-grid masks, `PreparedCase.regions`) instead of the
+            thresholded masks: the network learns where a boundary lies inside a working
+            voxel, which the trilinear resampling back to the case's grid then uses.
         max_seconds: wall-clock budget of all folds together (None: `steps` only).
         checkpoint_seconds: checkpoint interval.
         log_every: steps between log lines.
@@ -92,6 +96,7 @@ class SliceTrainConfig:
     copy_paste: float = 0.0
     blur: float = 0.0
     contrast: float = 0.0
+    soft_targets: bool = False
     max_seconds: float | None = None
     checkpoint_seconds: float = 180.0
     log_every: int = 25
@@ -140,9 +145,10 @@ def _random_crop(rng, case, pool, crop: int):
 
 
 def paste_tumour(x, y, donor_x, donor_y):
-    """Crop `x`, `y` with the donor crop's whole-tumour voxels pasted in where `x` is brain
-    (non-zero): all input channels and regions there come from the donor."""
-    where = donor_y[..., :1].astype(bool) & (x != 0).any(-1, keepdims=True)
+    """Crop `x`, `y` with the donor crop's whole-tumour voxels (any share of the whole
+    tumour) pasted in where `x` is brain (non-zero): all input channels and regions there
+    come from the donor."""
+    where = (donor_y[..., :1] > 0) & (x != 0).any(-1, keepdims=True)
     return np.where(where, donor_x, x), np.where(where, donor_y, y)
 
 
@@ -165,15 +171,17 @@ def sample_batch(rng, cases, cfg: SliceSegConfig):
 
 
 def _train_view(case, cfg: SliceSegConfig, view: str = "axial") -> dict:
-    """A case as slices of `view` padded to at least `crop` in-plane, with crop-centre pools."""
+    """A case as slices of `view` padded to at least `crop` in-plane, with crop-centre pools
+    and targets (float32: region shares with `train.soft_targets`, else 0/1 masks)."""
     crop = cfg.train.crop
     x = context_slices(to_view(case.x, view), cfg.model.context)
-    y = np.moveaxis(to_view(case.regions, view), 2, 0)
+    targets = case.regions if cfg.train.soft_targets else case.region_masks
+    y = np.moveaxis(to_view(targets.astype(np.float32), view), 2, 0)
     px, py = max(0, crop - x.shape[1]), max(0, crop - x.shape[2])
     pads = ((0, 0), (px // 2, px - px // 2), (py // 2, py - py // 2), (0, 0))
     x, y = np.pad(x, pads), np.pad(y, pads)
     brain = np.pad(np.moveaxis(to_view(case.brain, view), 2, 0), pads[:3])
-    tumour = np.argwhere(y[..., 0])[:, [1, 2, 0]]
+    tumour = np.argwhere(y[..., 0] >= 0.5)[:, [1, 2, 0]]
     return {"x": x, "y": y, "tumour": tumour, "brain": np.argwhere(brain)[:, [1, 2, 0]]}
 
 
