@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from rtjax.experiments.seg_probes import missed_rows, subset_dice, threshold_rows
+from rtjax.experiments.seg_probes import grid_round_trip, missed_rows, subset_dice, threshold_rows
+from rtjax.metrics import dice
 
 
 def _case():
@@ -41,3 +42,17 @@ def test_subset_dice_scores_the_mean_probabilities_of_each_subset_of_views():
     assert got[("coronal",)][0] == pytest.approx(2 * 8 / (8 + 16))
     # mean: first row (0.45 + 0.9) / 2, rows 5-6 (0.9 + 0.2) / 2 = 0.55 kept; second row 0.475 dropped
     assert got[("axial", "coronal")] == pytest.approx([2 * 12 / (12 + 16)] * 3)
+
+
+def test_grid_round_trip_of_a_slab_is_exact_with_soft_targets_and_one_voxel_off_with_hard_ones():
+    """A slab x = 4 .. 14 (1 mm voxels) through a 2 mm grid: its shares there are 0.125, 0.875,
+    1, 1, 1, 1, 0.5 (working voxels 1-7); back on 1 mm the hard masks (voxels 2-7) give x = 4 .. 15,
+    the shares give x = 4 .. 14 exactly."""
+    ref = np.zeros((32, 4, 4, 1), bool)
+    ref[4:15] = True
+    got = grid_round_trip(ref, (1.0, 1.0, 1.0), 2.0)
+    np.testing.assert_array_equal(got["soft"], ref)
+    expected = np.zeros_like(ref)
+    expected[4:16] = True
+    np.testing.assert_array_equal(got["hard"], expected)
+    assert dice(got["hard"], ref) == pytest.approx(2 * 11 / 23)

@@ -6,6 +6,9 @@ cross-validation's cached probabilities (`WORKDIR/cv_probs`, written by `rtjax t
 `view_rows(workdir, root, subsets)`: the held-out Dice per region of the mean of the cached
 probabilities of each subset of views (2.5-D models of several `model.views`), one case in
 memory at a time.
+`grid_round_trip(regions, spacing, work_spacing)` and `resolution_ceiling_rows(root)`: the
+Dice a perfect network on the working grid would reach on the case's own grid, with targets
+thresholded at half a working voxel (hard) or the share of each working voxel (soft).
 `bias_rows(demo_dir)`: the shipped network's Dice on the demo patient rendered with bias
 fields of other strengths (`rtjax.seg.synth.RenderConfig.bias`), from a `rtjax demo` folder.
 """
@@ -21,12 +24,14 @@ from rtjax.experiments.demo import DEMO_PATIENT, DEMO_RENDER
 from rtjax.io import load_image, load_tumour_masks
 from rtjax.metrics import dice
 from rtjax.seg.cases import find_labelled_cases
+from rtjax.seg.grid import resample_to_shape, working_shape
 from rtjax.seg.infer import probs_to_case_masks, segment_arrays
 from rtjax.seg.model import REGIONS, masks_to_regions
 from rtjax.seg.synth import render_case
 from rtjax.simulate import load_tissue
 
-__all__ = ["bias_rows", "held_out_cases", "missed_rows", "subset_dice", "threshold_rows", "view_rows"]
+__all__ = ["bias_rows", "grid_round_trip", "held_out_cases", "missed_rows", "resolution_ceiling_rows", "subset_dice",
+           "threshold_rows", "view_rows"]
 
 
 def held_out_cases(workdir, root):
@@ -114,6 +119,30 @@ def missed_rows(cases, voxel_ml: float = 1e-3) -> list[dict]:
                      "network_ml": float((p >= 0.5).sum()) * voxel_ml, "missed_ml": float(missed.sum()) * voxel_ml,
                      "missed_below_0.3": float((p[missed] < 0.3).mean()) if missed.any() else 0.0,
                      "missed_below_0.1": float((p[missed] < 0.1).mean()) if missed.any() else 0.0})
+    return rows
+
+
+def grid_round_trip(regions: np.ndarray, spacing, work_spacing: float) -> dict[str, np.ndarray]:
+    """Boolean region masks (X, Y, Z, K) taken to the working grid (`resample_to_shape`,
+    as `prepare_case`) and back (trilinear, thresholded at 0.5, as inference): "hard" from the
+    working-grid masks (shares >= 0.5), "soft" from the shares themselves."""
+    shape = regions.shape[:3]
+    share = resample_to_shape(regions.astype(np.float32), working_shape(shape, spacing, work_spacing))
+    back = lambda a: resample_to_shape(a, shape) >= 0.5
+    return {"hard": back((share >= 0.5).astype(np.float32)), "soft": back(share)}
+
+
+def resolution_ceiling_rows(root, work_spacing: float = 2.0) -> list[dict]:
+    """Per labelled case under `root`: Dice per region of `grid_round_trip` (hard and soft
+    targets) against the reference on the case's grid: what a network that reproduced its
+    working-grid targets exactly would score."""
+    rows = []
+    for case in find_labelled_cases(root):
+        masks, label_image = load_tumour_masks(case.labels, case.convention)
+        ref = masks_to_regions(masks) > 0.5
+        got = grid_round_trip(ref, label_image.spacing, work_spacing)
+        rows.append({"case": case.name, **{f"{kind}_dice_{r}": dice(got[kind][..., k], ref[..., k])
+                                           for kind in got for k, r in enumerate(REGIONS)}})
     return rows
 
 
