@@ -27,6 +27,7 @@ from rtjax.seg.cases import find_labelled_cases
 from rtjax.seg.grid import resample_to_shape, working_shape
 from rtjax.seg.infer import probs_to_case_masks, segment_arrays
 from rtjax.seg.model import REGIONS, masks_to_regions
+from rtjax.seg.slice_train import cv_probs_name
 from rtjax.seg.synth import render_case
 from rtjax.simulate import load_tissue
 
@@ -52,12 +53,11 @@ def held_out_cases(workdir, root):
 
 def _cached_probs(workdir, index: int, view: str = "axial"):
     """Held-out probabilities and brain of case `index` for `view` in `workdir/cv_probs`
-    (the newest step), or None."""
-    tag = "" if view == "axial" else f"_{view}"
-    cached = sorted(Path(workdir, "cv_probs").glob(f"case{index:03d}{tag}_fold*.npz"))
+    (the newest file), or None."""
+    cached = list(Path(workdir, "cv_probs").glob(cv_probs_name(index, view, "*", "*")))
     if not cached:
         return None
-    with np.load(cached[-1]) as stored:
+    with np.load(max(cached, key=lambda p: p.stat().st_mtime)) as stored:
         return stored["probs"].astype(np.float32), stored["brain"]
 
 

@@ -35,11 +35,12 @@ from rtjax.seg.data import resolve_data_root
 from rtjax.seg.cases import cached_case, find_labelled_cases
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks
 from rtjax.seg.model import REGIONS, UNet, masks_to_regions, small_enhancing_to_necrosis
-from rtjax.seg.slices import (ARCHITECTURE, MODALITIES, VIEWS, SliceModelConfig, SliceWeights, combine_passes,
-                              context_slices, make_ensemble, to_view)
+from rtjax.seg.slices import (ARCHITECTURE, MODALITIES, VIEWS, SliceModelConfig, SliceWeights, context_slices,
+                              make_ensemble, to_view)
 from rtjax.seg.synth import blur_axis
 
-__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "member_name", "sample_batch",
+__all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of", "member_name", "cv_probs_name",
+           "sample_batch",
            "paste_tumour",
            "blur_slices", "intensity_curves", "CURVE_KNOTS",
            "train_slices", "cv_table"]
@@ -335,6 +336,13 @@ def member_name(view: str, fold: int) -> str:
     return f"fold{fold}" if view == "axial" else f"{view}_fold{fold}"
 
 
+def cv_probs_name(case_index: int, view: str, fold: int | str, step: int | str, suffix: str = "") -> str:
+    """Cache file (under `workdir/cv_probs`) of held-out probabilities of the `case_index`-th
+    case by the `view` model of `fold` at `step` (``*`` globs), as `member_name` names the
+    model: ``case003_fold0_step2000.npz``, ``case003_coronal_fold0_step1000.npz``."""
+    return f"case{case_index:03d}_{member_name(view, fold)}_step{step}{suffix}.npz"
+
+
 def warm_start_params(path, cfg: SliceSegConfig, fold: int, view: str = "axial"):
     """Parameters of the fold-`fold` member of the 2.5-D weights folder `path` for `view`
     (its first view's when it has no `view` models: e.g. axial weights start a coronal
@@ -439,19 +447,17 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
     t = cfg.train
     candidates = [(float(k), float(e)) for k in t.keep_fractions for e in t.min_enhancing_ml]
     tta = "_tta" if cfg.model.tta else ""
+    one_member = {(view, fold): SliceWeights(ensemble_def, _stack([params]),
+                                             dataclasses.replace(cfg.model, views=(view,), members=1), cfg.version)
+                  for (view, fold), params in fold_params.items()}
     cases = []
     for fold in range(t.folds):
         for i, case in enumerate(found):
             if fold_of(i, t.folds) != fold:
                 continue
-            per_view = []
-            for view in cfg.model.views:
-                one = SliceWeights(ensemble_def, _stack([fold_params[view, fold]]),
-                                   dataclasses.replace(cfg.model, views=(view,), members=1), cfg.version)
-                tag = "" if view == "axial" else f"_{view}"
-                cache = workdir / "cv_probs" / f"case{i:03d}{tag}_fold{fold}_step{steps[view, fold]}{tta}.npz"
-                per_view.append(_held_out_probabilities(one, case, cache))
-            probs = per_view[0][0] if len(per_view) == 1 else np.mean([p[0] for p in per_view], axis=0)
+            per_view = [_held_out_probabilities(one_member[view, fold], case, workdir / "cv_probs" / cv_probs_name(
+                i, view, fold, steps[view, fold], tta)) for view in cfg.model.views]
+            probs = np.mean([p[0] for p in per_view], axis=0)
             cases.append((case, fold, (probs, *per_view[0][1:])))
             log(f"held-out probabilities: {case.name} (fold {fold})")
     dice_rows = {c: [] for c in candidates}

@@ -112,14 +112,12 @@ def from_view(a: np.ndarray, view: str) -> np.ndarray:
 def combine_passes(passes: list[np.ndarray]) -> np.ndarray:
     """(..., 6) mean and standard deviation per region of equal-sized member groups (views,
     flips) -> (..., 4): the mean over all members and their standard deviation (law of
-    total variance), max over regions."""
-    if len(passes) == 1:
-        mean, std = passes[0][..., :3], passes[0][..., 3:]
-        return np.concatenate([mean, std.max(-1, keepdims=True)], axis=-1)
+    total variance: the mean over groups of their variance plus their mean's squared
+    deviation from the overall mean), max over regions."""
     stack = np.stack(passes)
     mean = stack[..., :3].mean(0)
-    var = (stack[..., 3:] ** 2 + stack[..., :3] ** 2).mean(0) - mean ** 2
-    return np.concatenate([mean, np.sqrt(np.clip(var, 0.0, None)).max(-1, keepdims=True)], axis=-1)
+    var = (stack[..., 3:] ** 2 + (stack[..., :3] - mean) ** 2).mean(0)
+    return np.concatenate([mean, np.sqrt(var).max(-1, keepdims=True)], axis=-1)
 
 
 def context_slices(x: np.ndarray, context: int) -> np.ndarray:
