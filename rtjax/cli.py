@@ -505,6 +505,7 @@ def train_seg(
     data: Annotated[Optional[Path], typer.Option("--data", help="Real-data root searched for labelled cases (overrides the config's data root).")] = None,
     fold: Annotated[Optional[list[int]], typer.Option("--fold", help="2.5-D only: train just this fold (repeatable) and stop before cross-validation, to train folds in parallel processes on one --workdir; then run once without --fold to cross-validate and export.")] = None,
     view: Annotated[Optional[list[str]], typer.Option("--view", help="2.5-D only: train just the fold models of this view of model.views (axial, coronal, sagittal; repeatable), like --fold.")] = None,
+    final: Annotated[bool, typer.Option("--final", help="2.5-D only: train just the final models (one per view, or per --view, on every case; train.final_steps) from the fold-0 checkpoints, then stop.")] = False,
 ) -> None:
     """Train a segmentation ensemble and write WORKDIR/weights (the shipped layout); resumes
     from WORKDIR's checkpoints. A config with `architecture: slices` (configs/seg_slices.yaml)
@@ -522,17 +523,20 @@ def train_seg(
     if (read_yaml(config) or {}).get("architecture") == ARCHITECTURE:
         cfg = load_slice_config(config)
         changes = {k: v for k, v in (("max_seconds", max_seconds), ("data_root", data and str(data))) if v is not None}
-        result = train_slices(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes)), workdir,
-                              folds=fold or None, views=view or None)
-        if fold or view:
+        try:
+            result = train_slices(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes)), workdir,
+                                  folds=fold or None, views=view or None, final=final)
+        except ValueError as err:
+            _fail(str(err))
+        if fold or view or final:
             typer.echo(f"trained fold(s) {result['trained_folds']} of view(s) {result['trained_views']} "
                        f"to step(s) {result['steps']}")
             return
         typer.echo(f"cross-validation mean: {result['mean']}")
         typer.echo(f"wrote {result['weights']}")
         return
-    if fold or view:
-        _fail(f"{config}: --fold and --view apply to the 2.5-D model (architecture: slices) only")
+    if fold or view or final:
+        _fail(f"{config}: --fold, --view and --final apply to the 2.5-D model (architecture: slices) only")
     cfg = load_config(config)
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data)))

@@ -21,49 +21,12 @@ from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, choose_post
 from rtjax.seg.slices import (TTA_FLIPS, SliceModelConfig, SliceWeights, combine_passes, context_slices, from_view,
                               predict_volume, to_view)
 from rtjax.seg.model import UNetConfig
-
-AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
-
-
-def _save(path, data):
-    nib.save(nib.Nifti1Image(np.asarray(data), AFFINE), str(path))
-
-
-def _synthetic_case(folder: Path, names: dict, et_label: int, seed: int = 0):
-    """A 32 x 32 x 16 case at 2 mm: a bright-rimmed tumour in a brain, raw int16 intensities
-    with a few 32767 outliers."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    g = np.indices((32, 32, 16)).astype(float)
-    r_brain = np.sqrt(((g[0] - 16) / 13) ** 2 + ((g[1] - 16) / 13) ** 2 + ((g[2] - 8) / 7) ** 2)
-    r = np.sqrt((g[0] - 14) ** 2 + (g[1] - 17) ** 2 + (2 * (g[2] - 8)) ** 2)
-    brain = r_brain < 1
-    labels = np.zeros((32, 32, 16), np.int16)
-    labels[(r < 9) & brain] = 2
-    labels[r < 5] = et_label
-    labels[r < 3] = 1
-    t1c = np.where(brain, 400 + 20 * rng.standard_normal(brain.shape), 0)
-    t1c[labels == et_label] += 500
-    flair = np.where(brain, 300 + 20 * rng.standard_normal(brain.shape), 0)
-    flair[labels > 0] += 400
-    t1c[16, 16, 8] = t1c[10, 12, 6] = 32767
-    _save(folder / names["t1c"], t1c.astype(np.int16))
-    _save(folder / names["flair"], flair.astype(np.int16))
-    _save(folder / names["seg"], labels)
-    return labels, brain
-
-
-BRATS21 = {"t1c": "P1_t1ce.nii.gz", "flair": "P1_flair.nii.gz", "seg": "P1_seg.nii.gz"}
-BRATS23 = {"t1c": "P2-t1c.nii.gz", "flair": "P2-t2f.nii.gz", "seg": "P2-seg.nii.gz"}
-
+from seg_synthetic import synthetic_cohort
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled")
-    truth = {"download/P1": _synthetic_case(root / "download" / "P1", BRATS21, 4, 0),
-             "P2": _synthetic_case(root / "P2", BRATS23, 3, 1)}
-    (root / "empty" / "nothing").mkdir(parents=True)
-    return root, truth
+    return root, synthetic_cohort(root)
 
 
 def test_cases_are_found_in_both_brats_namings_with_their_label_conventions(cohort):
@@ -203,31 +166,6 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
     with pytest.raises(ValueError, match="ensemble members"):
         warm_start_params(tmp_path / "run" / "weights",
                           SliceSegConfig(model=model, train=SliceTrainConfig(folds=3)), 0)
-    # views: each coronal fold model warm-starts from the axial member of its fold, trains
-    # alone (--view), and the export holds folds x views members, view-major
-    two = SliceSegConfig(version="test", model=dataclasses.replace(model, views=("axial", "coronal"), members=4),
-                         train=warm.train)
-    lines = []
-    part = train_slices(two, tmp_path / "views", log=lines.append, views=["coronal"])
-    assert part["trained_views"] == ["coronal"] and part["steps"] == [2, 2]
-    assert f"fold 1 (coronal): warm start from {tmp_path / 'run' / 'weights'}" in lines
-    assert (tmp_path / "views" / "coronal_fold1").is_dir() and not (tmp_path / "views" / "fold1").exists()
-    with pytest.raises(ValueError, match="view 'sagittal' is not in model.views"):
-        train_slices(two, tmp_path / "views", views=["sagittal"])
-    summary = train_slices(two, tmp_path / "views")
-    assert summary["views"] == ["axial", "coronal"] and summary["steps"] == [2, 2, 2, 2]
-    both = load_weights(tmp_path / "views" / "weights")
-    assert both.config.views == ("axial", "coronal") and both.config.members == 4
-    assert "4 (2 folds x 2 views)" in (tmp_path / "views" / "weights" / "MODEL_CARD.md").read_text()
-    one_view = lambda params, view: SliceWeights(both.graphdef, params,
-                                                 dataclasses.replace(both.config, views=(view,), members=2), "v")
-    per_view = [one_view(both.view_params(v), v).probabilities(t1c, flair, (2.0,) * 3, brain)[0]
-                for v in ("axial", "coronal")]
-    np.testing.assert_allclose(both.probabilities(t1c, flair, (2.0,) * 3, brain)[0], np.mean(per_view, 0), atol=1e-6)
-    # the coronal members see coronal slices: an axial model of the volume turned about x
-    turned = one_view(both.view_params("coronal"), "axial").probabilities(
-        *(np.moveaxis(a, 1, 2) for a in (t1c, flair)), (2.0,) * 3, np.moveaxis(brain, 1, 2))[0]
-    np.testing.assert_allclose(np.moveaxis(turned, 2, 1), per_view[1], atol=1e-6)
 
 
 def test_views_move_their_slice_axis_last_and_back_and_are_checked():
@@ -323,7 +261,7 @@ def test_uncertainty_table_reports_the_rank_correlation_of_uncertainty_and_dice(
 def test_train_seg_refuses_fold_for_the_3d_model(tmp_path):
     config = Path(__file__).parents[1] / "configs" / "seg_tiny.yaml"
     result = CliRunner().invoke(app, ["train-seg", str(config), "--workdir", str(tmp_path / "w"), "--fold", "0"])
-    assert result.exit_code != 0 and "--fold and --view apply to the 2.5-D model" in result.output
+    assert result.exit_code != 0 and "--fold, --view and --final apply to the 2.5-D model" in result.output
     assert not (tmp_path / "w").exists()
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -58,12 +59,16 @@ def save_weights(
     metrics: dict,
     *,
     model_card: str | None = None,
+    dtype=None,
 ) -> Path:
     """Write a weights folder (see the module docstring) at `out_dir`, replacing an
     existing one only once the new one is complete. `model`: a module or its state (only
-    the `nnx.Param` leaves are kept)."""
+    the `nnx.Param` leaves are kept); `dtype` (e.g. float16): floating parameters stored in
+    it, half the size (`restore_params` casts them back to the model's dtype)."""
     out_dir = Path(out_dir).resolve()
     state = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
+    if dtype is not None:
+        state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     partial = out_dir.with_name(out_dir.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)

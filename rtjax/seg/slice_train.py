@@ -14,6 +14,7 @@ the fold models are exported as the ensemble (`workdir/weights`, the shipped lay
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections import Counter
@@ -73,13 +74,21 @@ class SliceTrainConfig:
             volume of the original-grid masks, `PreparedCase.regions`) instead of the
             thresholded masks: the network learns where a boundary lies inside a working
             voxel, which the trilinear resampling back to the case's grid then uses.
-        max_seconds: wall-clock budget of all folds together (None: `steps` only).
+        max_seconds: wall-clock budget of all models together (folds x views, plus views
+            with `final_steps`), split evenly (None: `steps` only).
         checkpoint_seconds: checkpoint interval.
         log_every: steps between log lines.
         seed: sampling and initialisation seed.
-        init_weights: warm start: a 2.5-D weights folder whose member k initialises fold k
-            when the fold has no checkpoint yet (e.g. the shipped ``rtjax/weights/seg``, to
-            continue its training in a later session); None: random initialisation.
+        init_weights: warm start: a 2.5-D fold ensemble (a weights folder of k-fold models,
+            e.g. a run's ``fold_weights``) whose member `fold % k` of a view initialises fold
+            `fold` of that view when it has no checkpoint yet; k must divide `folds` (the
+            round-robin split nests: every case held out by fold f is held out by its fold
+            f % k, so the warm start never saw it); None: random initialisation.
+        final_steps: after the cross-validation, train one model per view on every case for
+            this many steps (warm-started from the view's fold-0 model) and export those as
+            the ensemble (`weights/`: one member per view), the fold models beside them
+            (`fold_weights/`), the cross-validation as their estimate; 0: export the fold
+            models as the ensemble.
         keep_fractions, min_enhancing_ml: post-processing candidates (`SliceModelConfig`);
             the pair with the best mean held-out Dice goes into the exported weights (chosen
             on the same held-out cases it is scored on: a small optimism, stated in cv.json).
@@ -103,6 +112,7 @@ class SliceTrainConfig:
     log_every: int = 25
     seed: int = 0
     init_weights: str | None = None
+    final_steps: int = 0
     keep_fractions: tuple[float, ...] = (0.2,)
     min_enhancing_ml: tuple[float, ...] = (0.0,)
 
@@ -324,15 +334,23 @@ def _make_step(graphdef, tx, blur: float = 0.0, contrast: float = 0.0):
 # --------------------------------------------------------------------------- folds
 
 
-def _optimizer(t: SliceTrainConfig):
-    """Adam with linear warm-up and cosine decay to 2 % of the peak."""
-    return optax.adam(optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps,
+def _optimizer(t: SliceTrainConfig, steps: int | None = None):
+    """Adam with linear warm-up and cosine decay to 2 % of the peak over `steps` (default
+    `t.steps`)."""
+    return optax.adam(optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, steps or t.steps,
                                                          t.learning_rate * 0.02))
 
 
-def member_name(view: str, fold: int) -> str:
+#: `member_name` fold of the model of a view trained on every case (`train.final_steps`).
+FINAL = "final"
+
+
+def member_name(view: str, fold: int | str) -> str:
     """Checkpoint folder (under the workdir) of the fold model of `view`: ``fold{k}`` for
-    axial (as before views existed), ``{view}_fold{k}`` otherwise."""
+    axial (as before views existed), ``{view}_fold{k}`` otherwise; `fold` `FINAL`: the
+    view's model trained on every case, ``{view}_final``."""
+    if fold == FINAL:
+        return f"{view}_{FINAL}"
     return f"fold{fold}" if view == "axial" else f"{view}_fold{fold}"
 
 
@@ -344,51 +362,62 @@ def cv_probs_name(case_index: int, view: str, fold: int | str, step: int | str, 
 
 
 def warm_start_params(path, cfg: SliceSegConfig, fold: int, view: str = "axial"):
-    """Parameters of the fold-`fold` member of the 2.5-D weights folder `path` for `view`
-    (its first view's when it has no `view` models: e.g. axial weights start a coronal
-    model), checked against the architecture of `cfg` (same U-Net, same folds)."""
+    """Parameters that warm-start fold `fold` of `view`: member `fold % k` of the view (its
+    first view's when it has no `view` models: e.g. axial weights start a coronal model) of
+    the k-fold 2.5-D ensemble `path`, checked against `cfg` (same U-Net; k divides
+    `train.folds`, so that the member never saw a case that fold `fold` holds out)."""
     weights = load_weights(path)
     if not isinstance(weights, SliceWeights) or weights.config.unet != cfg.model.unet:
         raise ValueError(f"{path}: train.init_weights must be 2.5-D weights with the same U-Net "
                          f"as the config ({cfg.model.unet})")
-    views = weights.config.views
-    members = jax.tree.leaves(weights.params)[0].shape[0]
-    if members != cfg.train.folds * len(views):
-        raise ValueError(f"{path}: {members} ensemble members for {len(views)} view(s), but the config trains "
-                         f"{cfg.train.folds} folds (member k of a view warm-starts fold k)")
-    member = (views.index(view) if view in views else 0) * cfg.train.folds + fold
+    views, k = weights.config.views, weights.config.folds
+    if k < 2:
+        raise ValueError(f"{path}: its members were trained on every case (one per view), so each saw the cases "
+                         "a fold holds out; warm-start the folds from a fold ensemble (a run's fold_weights/)")
+    if cfg.train.folds % k:
+        raise ValueError(f"{path}: {k}-fold ensemble, but the config trains {cfg.train.folds} folds: a warm start "
+                         f"needs a number of folds that {k} divides (fold f starts from member f % {k})")
+    member = (views.index(view) if view in views else 0) * k + fold % k
     return jax.tree.map(lambda a: jnp.asarray(a[member]), weights.params)
 
 
-def _train_fold(fold: int, cases: list[dict], cfg: SliceSegConfig, workdir: Path, seconds: float | None,
-                step_fn, log, view: str = "axial"):
-    t = cfg.train
-    name = fold if view == "axial" else f"{fold} ({view})"
-    params = nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(t.seed + fold)))[1]
-    opt_state = _optimizer(t).init(params)
+def _train_fold(fold: int | str, cases: list[dict], cfg: SliceSegConfig, workdir: Path, seconds: float | None,
+                step_fn, log, view: str = "axial", init=None, steps: int | None = None):
+    """Train (or resume) the model of `view` and `fold` (`FINAL`: on every case) on `cases`
+    for `steps` (default `train.steps`), starting from its checkpoint, else `init()`'s
+    parameters (None: `train.init_weights`, else random). Returns (params, step)."""
+    t, total = cfg.train, steps or cfg.train.steps
+    name = (f"final model ({view})" if fold == FINAL else f"fold {fold}" if view == "axial"
+            else f"fold {fold} ({view})")
+    index = t.folds if fold == FINAL else fold  # seeds of the model trained on every case
+    params = nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(t.seed + index)))[1]
+    opt_state = _optimizer(t, total).init(params)
     with TrainCheckpoints(workdir / member_name(view, fold), keep=2) as ckpt:
         step = ckpt.latest_step() or 0
         if step:
             params, opt_state = ckpt.restore(step, params, opt_state)
-            log(f"fold {name}: resumed at step {step}")
+            log(f"{name}: resumed at step {step}")
+        elif init is not None:
+            params, source = init()
+            log(f"{name}: warm start from {source}")
         elif t.init_weights:
             params = warm_start_params(t.init_weights, cfg, fold, view)
-            log(f"fold {name}: warm start from {t.init_weights}")
+            log(f"{name}: warm start from {t.init_weights}")
         # axial keeps the random streams it had before views existed
         stream = [] if view == "axial" else [VIEWS[view] + 1]
-        rng = np.random.default_rng([t.seed, fold, step, *stream])
-        key = jax.random.key(t.seed * 1000 + fold)
+        rng = np.random.default_rng([t.seed, index, step, *stream])
+        key = jax.random.key(t.seed * 1000 + index)
         key = jax.random.fold_in(key, stream[0]) if stream else key
         start = last_ckpt = time.monotonic()
         losses = []
-        while step < t.steps and (seconds is None or time.monotonic() - start < seconds):
+        while step < total and (seconds is None or time.monotonic() - start < seconds):
             x, y = sample_batch(rng, cases, cfg)
             params, opt_state, value = step_fn(params, opt_state, jax.random.fold_in(key, step), x, y)
             step += 1
             losses.append(float(value))
             if step % t.log_every == 0:
                 rate = t.batch * len(losses) / (time.monotonic() - start)
-                log(f"fold {name} step {step} loss {np.mean(losses[-t.log_every:]):.4f} ({rate:.1f} slices/s)")
+                log(f"{name} step {step} loss {np.mean(losses[-t.log_every:]):.4f} ({rate:.1f} slices/s)")
             if time.monotonic() - last_ckpt > t.checkpoint_seconds:
                 ckpt.save(step, params, opt_state)
                 last_ckpt = time.monotonic()
@@ -484,21 +513,25 @@ def _stack(params_list):
 
 
 def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | None = None,
-                 views: list[str] | None = None) -> dict:
-    """Train the k fold models of every view, cross-validate, export `workdir/weights`;
-    returns the summary.
+                 views: list[str] | None = None, final: bool = False) -> dict:
+    """Train the k fold models of every view, cross-validate, then (`train.final_steps`)
+    train one model per view on every case; export `workdir/weights` (the final models, or
+    the fold models without them) and `workdir/fold_weights` (the fold models, float16, for
+    warm starts); returns the summary.
 
-    `folds`, `views`: train only these folds / views (each fold model with its share
-    `max_seconds / (k * views)` of the budget) and stop before cross-validation, so that
-    they can train in parallel processes on one workdir; a later call without either
-    resumes every checkpoint, cross-validates and exports. Returns {"trained_folds",
-    "trained_views", "steps"} then."""
+    `folds`, `views`: train only these folds / views (each model with its share of
+    `max_seconds`) and stop before cross-validation, so that they can train in parallel
+    processes on one workdir; `final`: train only the final models (of `views`), from the
+    fold-0 checkpoints. A later call without any of them resumes every checkpoint,
+    cross-validates and exports. Returns {"trained_folds", "trained_views", "steps"} then."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     root = resolve_data_root(t.data_root)
     if root is None:
         raise FileNotFoundError("no data root: set train.data_root or RTJAX_DATA")
+    if final and not t.final_steps:
+        raise ValueError("final models need train.final_steps > 0")
     found = find_labelled_cases(root)
     if len(found) < t.folds:
         raise ValueError(f"{len(found)} labelled cases under {root}: fewer than {t.folds} folds")
@@ -513,9 +546,15 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
     cache = Path(t.cache_dir) if t.cache_dir else workdir / "cache"
     log(f"{len(found)} labelled cases under {root}; caching on the {cfg.model.spacing} mm grid")
     prepared = [cached_case(c, cfg.model.spacing, cache) for c in found]
-    seconds = None if t.max_seconds is None else t.max_seconds / (t.folds * len(cfg.model.views))
+    models = (t.folds + (1 if t.final_steps else 0)) * len(cfg.model.views)
+    seconds = None if t.max_seconds is None else t.max_seconds / models
     graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
     step_fn = _make_step(graphdef, _optimizer(t), t.blur, t.contrast)  # one compilation serves every fold
+    final_step = functools.cache(lambda: _make_step(graphdef, _optimizer(t, t.final_steps), t.blur, t.contrast))
+    train_final = lambda view: _train_final(view, prepared, cfg, workdir, seconds, final_step(), log)
+    if final:
+        steps = [train_final(view)[1] for view in chosen_views]
+        return {"trained_folds": [FINAL], "trained_views": chosen_views, "steps": steps}
     fold_params, steps = {}, {}
     for view in chosen_views:
         slices = [_train_view(p, cfg, view) for p in prepared]
@@ -534,12 +573,41 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
                "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")},
                "postprocessing": {"keep_fraction": keep, "min_enhancing_ml": et_ml, "mean_dice": tuning}}
     write_json_atomic(workdir / "cv.json", summary)
-    ensemble = nnx.merge(ensemble_def, _stack(list(fold_params.values())))
     config = to_dict(cfg)
     config["model"].update(members=len(fold_params), keep_fraction=keep, min_enhancing_ml=et_ml)
-    summary["weights"] = str(save_weights(workdir / "weights", ensemble, config, summary,
-                                          model_card=model_card(cfg, summary, [c.name for c in found])))
+    card = model_card(cfg, summary, [c.name for c in found])
+    fold_ensemble = nnx.merge(ensemble_def, _stack(list(fold_params.values())))
+    if not t.final_steps:
+        summary["weights"] = str(save_weights(workdir / "weights", fold_ensemble, config, summary, model_card=card))
+        return summary
+    save_weights(workdir / "fold_weights", fold_ensemble, config, summary, model_card=card, dtype=jnp.float16)
+    finals = [train_final(view) for view in cfg.model.views]
+    summary["final_steps"] = [step for _, step in finals]
+    config["model"]["members"] = len(finals)
+    final_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, len(finals))))[0]
+    summary["weights"] = str(save_weights(workdir / "weights", nnx.merge(final_def, _stack([p for p, _ in finals])),
+                                          config, summary, model_card=model_card(cfg, summary, [c.name for c in found])))
     return summary
+
+
+def _train_final(view: str, prepared, cfg: SliceSegConfig, workdir: Path, seconds, step_fn, log):
+    """The model of `view` trained on every case for `train.final_steps` (`step_fn` on that
+    schedule), warm-started from the view's fold-0 checkpoint. Returns (params, step)."""
+    t = cfg.train
+    fold0 = workdir / member_name(view, 0)
+
+    def init():
+        with TrainCheckpoints(fold0) as ckpt:
+            step = ckpt.latest_step()
+            if not step:
+                raise FileNotFoundError(f"{fold0}: no fold-0 checkpoint of {view} to start its final model from; "
+                                        "train the folds first")
+            params = nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(0)))[1]
+            params, _ = ckpt.restore(step, params, _optimizer(t).init(params))
+        return params, f"{fold0} (step {step})"
+
+    return _train_fold(FINAL, [_train_view(p, cfg, view) for p in prepared], cfg, workdir, seconds, step_fn, log,
+                       view, init=init, steps=t.final_steps)
 
 
 def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
@@ -552,7 +620,20 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
     looks = "".join([f", a lower-resolution look ({t.blur:.0%} of the crops)" if t.blur else "",
                      f", random intensity curves ({t.contrast:.0%})" if t.contrast else ""])
     views = " + ".join(m.views)
-    members = f"{t.folds}" if len(m.views) == 1 else f"{t.folds * len(m.views)} ({t.folds} folds x {len(m.views)} views)"
+    finals = summary.get("final_steps")
+    if finals:
+        members = f"{len(m.views)} (one per view)" if len(m.views) > 1 else "1"
+    else:
+        members = f"{t.folds}" if len(m.views) == 1 else f"{t.folds * len(m.views)} ({t.folds} folds x {len(m.views)} views)"
+    targets = ("; soft targets (the share of each working voxel in each region)" if t.soft_targets else "")
+    if finals:
+        shipped = (f"The members are {'one model per view' if len(m.views) > 1 else 'one model'} trained on all "
+                   f"{len(cases)} cases ({'/'.join(str(s) for s in finals)} steps, warm-started from the fold-0 "
+                   f"model{'s' if len(m.views) > 1 else ''}); the cross-validation below estimates them (its fold "
+                   f"models saw {1 - 1 / t.folds:.0%} of the cases), and the fold models are in the training "
+                   "run's `fold_weights/`.")
+    else:
+        shipped = f"The members are the fold models{' of every view' if len(m.views) > 1 else ''}."
     et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
                if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
                "(the size rule did not raise the held-out Dice)")
@@ -572,9 +653,9 @@ CPU: one model per fold (and view) of a {t.folds}-fold split by patient of the {
 cases ({", ".join(f"{k} {v}" for k, v in sources.items())}), trained on the other folds only;
 {"/".join(str(s) for s in summary["steps"])} steps of {t.batch} random {t.crop} x {t.crop} slice
 crops ({t.tumour_fraction:.0%} through the tumour{pasted}); BCE + soft Dice; rotation/scaling, flips,
-bias field, intensity scale/shift, gamma, noise{looks}. The members are the fold models{" of every view" if len(m.views) > 1 else ""}.
+bias field, intensity scale/shift, gamma, noise{looks}{targets}. {shipped}
 
-**Cross-validation** (each case scored by the fold model that never saw it, on its original
+**Cross-validation** (each case scored by the fold model{"s" if len(m.views) > 1 else ""} that never saw it, on its original
 grid; Dice, HD95 in mm; TCGA-FG-6692 against the algorithm fusion): mean Dice WT
 {mean['dice_WT']:.3f}, TC {mean['dice_TC']:.3f}, ET {mean['dice_ET']:.3f}. The post-processing was
 chosen on these same held-out cases (two parameters), a small optimism.
