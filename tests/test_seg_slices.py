@@ -163,7 +163,7 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
     lines = []
     train_slices(warm, tmp_path / "warm", log=lines.append)
     assert f"fold 1: warm start from {tmp_path / 'run' / 'weights'}" in lines
-    with pytest.raises(ValueError, match="ensemble members"):
+    with pytest.raises(ValueError, match="that 2 divides"):
         warm_start_params(tmp_path / "run" / "weights",
                           SliceSegConfig(model=model, train=SliceTrainConfig(folds=3)), 0)
 
@@ -222,6 +222,34 @@ def test_postprocessing_drops_stray_components_and_relabels_a_small_enhancing_re
     assert enhancing_voxels(0.0, (1.0, 1.0, 1.0)) == 0
 
 
+def test_refine_enhancing_moves_the_core_boundary_to_where_the_t1c_says_and_keeps_the_core():
+    """A 20-voxel core along x: voxels 0-9 bright on T1c (z about 2, enhancing), 10-19 dark
+    (about -1, necrosis); the network's ET probability is 0.9 on 0-7, 0.55 on 8-11 (a blurred
+    2 mm boundary) and 0.1 beyond, so it calls 0-11 enhancing. Voxels 10-11 look necrotic:
+    their likelihood ratio under the case's own two classes outweighs the weak log-odds of
+    0.55, and the boundary moves to 9 | 10; the others agree with their T1c and stay."""
+    from rtjax.seg.model import probs_to_masks, refine_enhancing
+
+    probs = np.zeros((24, 10, 1, 3), np.float32)  # ten copies along y
+    probs[:20, ..., :2] = 1.0
+    probs[20:, ..., 0] = 1.0  # edema
+    probs[:8, ..., 2], probs[8:12, ..., 2], probs[12:20, ..., 2] = 0.9, 0.55, 0.1
+    t1c = np.zeros((24, 10, 1), np.float32)
+    t1c[:10], t1c[10:20] = 2.0, -1.0
+    t1c[:20:2] += 0.15  # spread within each class
+    masks = probs_to_masks(probs)
+    assert masks.enhancing[:, 0, 0].tolist() == [True] * 12 + [False] * 12
+    refined = refine_enhancing(masks, probs[..., 2], t1c)
+    assert refined.enhancing[:, 0, 0].tolist() == [True] * 10 + [False] * 14
+    np.testing.assert_array_equal(refined.core, masks.core)
+    np.testing.assert_array_equal(refined.edema, masks.edema)
+    # too few voxels in a class (80 necrotic): unchanged; the case-level entry point refines with t1c_z
+    assert refine_enhancing(masks, probs[..., 2], t1c, min_voxels=81) is masks
+    brain = np.ones(t1c.shape, bool)
+    np.testing.assert_array_equal(probs_to_case_masks(probs, brain, 0.0, t1c_z=t1c).enhancing, refined.enhancing)
+    np.testing.assert_array_equal(probs_to_case_masks(probs, brain, 0.0).enhancing, masks.enhancing)
+
+
 def test_warp_slices_rotates_a_quarter_turn_exactly_and_scales_about_the_centre():
     from rtjax.seg.slice_train import warp_slices
 
@@ -236,26 +264,30 @@ def test_warp_slices_rotates_a_quarter_turn_exactly_and_scales_about_the_centre(
 
 
 def test_postprocessing_choice_is_the_best_mean_dice_over_the_regions():
-    rows = {(0.2, 0.0): [{"dice_WT": 0.8, "dice_TC": 0.6, "dice_ET": 0.5}] * 2,
-            (1.0, 0.0): [{"dice_WT": 0.9, "dice_TC": 0.6, "dice_ET": 0.5}, {"dice_WT": 0.7, "dice_TC": 0.6, "dice_ET": 0.5}],
-            (1.0, 0.5): [{"dice_WT": 0.9, "dice_TC": 0.6, "dice_ET": 0.6}, {"dice_WT": 0.7, "dice_TC": 0.6, "dice_ET": 0.5}]}
-    assert choose_postprocessing(rows) == (1.0, 0.5)
-    rows.pop((1.0, 0.5))
-    assert choose_postprocessing(rows) == (0.2, 0.0)  # a tie goes to the first candidate
+    rows = {(0.2, 0.0, False): [{"dice_WT": 0.8, "dice_TC": 0.6, "dice_ET": 0.5}] * 2,
+            (1.0, 0.0, False): [{"dice_WT": 0.9, "dice_TC": 0.6, "dice_ET": 0.5},
+                                {"dice_WT": 0.7, "dice_TC": 0.6, "dice_ET": 0.5}],
+            (1.0, 0.5, True): [{"dice_WT": 0.9, "dice_TC": 0.6, "dice_ET": 0.6},
+                               {"dice_WT": 0.7, "dice_TC": 0.6, "dice_ET": 0.5}]}
+    assert choose_postprocessing(rows) == (1.0, 0.5, True)
+    rows.pop((1.0, 0.5, True))
+    assert choose_postprocessing(rows) == (0.2, 0.0, False)  # a tie goes to the first candidate
 
 
 def test_uncertainty_table_reports_the_rank_correlation_of_uncertainty_and_dice():
     from rtjax.experiments.seg_uncertainty import format_uncertainty_table
 
     rows = [{"case": f"c{i}", "network_wt_ml": 10.0 * i, "reference_wt_ml": 9.0, "dice_wt": d,
-             "held_out_dice_wt": h, "mean_uncertainty_in_wt": u}
-            for i, (d, h, u) in enumerate([(0.9, 0.5, 0.05), (0.5, 0.8, 0.2), (0.7, 0.6, 0.1)])]
+             "held_out_dice_wt": h, "mean_uncertainty_in_wt": u, "held_out_uncertainty": hu}
+            for i, (d, h, u, hu) in enumerate([(0.9, 0.5, 0.05, 0.3), (0.5, 0.8, 0.2, 0.1), (0.7, 0.6, 0.1, 0.2)])]
     rows.append({"case": "unlabelled", "network_wt_ml": 3.0, "reference_wt_ml": None, "dice_wt": None,
                  "mean_uncertainty_in_wt": 0.3})
     text = format_uncertainty_table(rows)
-    assert "| c1 | 10.0 | 9.0 | 0.500 | 0.800 | 0.200 |" in text and "| unlabelled | 3.0 |  |  |  | 0.300 |" in text
+    assert "| c1 | 10.0 | 9.0 | 0.500 | 0.800 | 0.200 | 0.100 |" in text
+    assert "| unlabelled | 3.0 |  |  |  | 0.300 |  |" in text
     assert "Spearman correlation of uncertainty and Dice WT (ensemble): -1.00" in text and "n = 3" in text
     assert "Spearman correlation of uncertainty and Dice WT (held-out fold): 1.00" in text
+    assert "Spearman correlation of held-out uncertainty and Dice WT (held-out fold): -1.00" in text
 
 
 def test_train_seg_refuses_fold_for_the_3d_model(tmp_path):

@@ -76,6 +76,15 @@ def test_views_train_alone_warm_start_from_the_axial_member_and_are_averaged(coh
     per_view = [one_view(both.view_params(v), v).probabilities(t1c, flair, (2.0,) * 3, brain)[0]
                 for v in ("axial", "coronal")]
     np.testing.assert_allclose(both.probabilities(t1c, flair, (2.0,) * 3, brain)[0], np.mean(per_view, 0), atol=1e-6)
+    # the models of one fold (one per view): the mean of their own predictions
+    fold1 = both.fold_members(1)
+    assert fold1.config.members == 2 and fold1.config.folds == 1
+    single = lambda view: one_view(jax.tree.map(lambda a: a[np.array([1, 1])], both.view_params(view)), view)
+    np.testing.assert_allclose(fold1.probabilities(t1c, flair, (2.0,) * 3, brain)[0],
+                               np.mean([single(v).probabilities(t1c, flair, (2.0,) * 3, brain)[0]
+                                        for v in ("axial", "coronal")], 0), atol=1e-6)
+    with pytest.raises(ValueError, match="fold 2: this ensemble has 2 fold"):
+        both.fold_members(2)
     # the coronal members see coronal slices: an axial model of the volume turned about x
     turned = one_view(both.view_params("coronal"), "axial").probabilities(
         *(np.moveaxis(a, 1, 2) for a in (t1c, flair)), (2.0,) * 3, np.moveaxis(brain, 1, 2))[0]
@@ -121,12 +130,12 @@ def test_final_models_train_on_every_case_after_the_cv_and_ship_with_its_estimat
     assert "2 (one per view)" in card and "one model per view trained on all 2 cases" in card and "fold_weights/" in card
     template = nnx.split(UNet(MODEL.unet, rngs=nnx.Rngs(0)))[1]
     restore = lambda name, step: TrainCheckpoints(work / name).restore(step, template, _optimizer(TRAIN).init(template))[0]
-    np.testing.assert_array_equal(_leaf(final.params, 1), _leaf(restore(member_name("coronal", "final"), 3)))
-    # the fold models beside them, stored in float16 (their parameters rounded), view-major
+    half = lambda a: a.astype(np.float16).astype(np.float32)  # exports store float16 parameters
+    np.testing.assert_array_equal(_leaf(final.params, 1), half(_leaf(restore(member_name("coronal", "final"), 3))))
+    # the fold models beside them, view-major
     folds = load_weights(work / "fold_weights")
     assert folds.config.members == 4 and folds.config.folds == 2
-    np.testing.assert_array_equal(_leaf(folds.params, 3),
-                                  _leaf(restore(member_name("coronal", 1), 2)).astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(_leaf(folds.params, 3), half(_leaf(restore(member_name("coronal", 1), 2))))
     # a final ensemble cannot warm-start folds (its members saw every held-out case)
     with pytest.raises(ValueError, match="trained on every case"):
         warm_start_params(work / "weights", cfg, 0)

@@ -33,6 +33,7 @@ from flax import nnx
 from rtjax.io import load_case, save_image
 from rtjax.labels import combine_labels, get_convention
 from rtjax.ml import read_weights_config, restore_params
+from rtjax.seg.cases import robust_normalise
 from rtjax.seg.config import SegConfig, config_from_dict
 from rtjax.seg.grid import resample_to_shape, working_shape
 from rtjax.seg.slices import ARCHITECTURE, SliceWeights
@@ -43,6 +44,7 @@ from rtjax.seg.model import (
     keep_main_components,
     normalise,
     probs_to_masks,
+    refine_enhancing,
     small_enhancing_to_necrosis,
 )
 
@@ -267,14 +269,16 @@ def predict_regions(
 
 
 def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: float,
-                        min_enhancing_voxels: int = 0, threshold: float = 0.5):
+                        min_enhancing_voxels: int = 0, threshold: float = 0.5, t1c_z: np.ndarray | None = None):
     """Tumour masks of region probabilities (X, Y, Z, 3) thresholded at `threshold`: none
     outside the boolean `brain`, small stray components dropped (`keep_main_components`,
-    skipped when `keep_fraction` is 0), an enhancing region of fewer than
-    `min_enhancing_voxels` made necrosis (`small_enhancing_to_necrosis`)."""
+    skipped when `keep_fraction` is 0), with `t1c_z` (the brain-z-scored T1c on the same
+    grid) the enhancing boundary refined on it (`refine_enhancing`), an enhancing region of
+    fewer than `min_enhancing_voxels` made necrosis (`small_enhancing_to_necrosis`)."""
 
     masks = probs_to_masks(probs * brain[..., None], threshold)
     masks = keep_main_components(masks, keep_fraction) if keep_fraction > 0 else masks
+    masks = refine_enhancing(masks, probs[..., 2], t1c_z) if t1c_z is not None else masks
     return small_enhancing_to_necrosis(masks, min_enhancing_voxels)
 
 
@@ -297,8 +301,9 @@ def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncert
     if isinstance(w, SliceWeights):
         probs, spread, brain = w.probabilities(t1c, flair, spacing, brain_mask,
                                                tta=w.config.tta if tta is None else bool(tta))
+        t1c_z = robust_normalise(t1c, brain) if w.config.refine_enhancing else None
         masks = probs_to_case_masks(probs, brain, w.config.keep_fraction,
-                                    enhancing_voxels(w.config.min_enhancing_ml, spacing))
+                                    enhancing_voxels(w.config.min_enhancing_ml, spacing), t1c_z=t1c_z)
         return masks, spread if uncertainty else None
     brain = brain_mask_from_images(t1c, flair) if brain_mask is None else np.asarray(brain_mask, bool)
     x = normalise(t1c, flair, brain)

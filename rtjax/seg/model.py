@@ -44,6 +44,7 @@ __all__ = [
     "probs_to_masks",
     "keep_main_components",
     "small_enhancing_to_necrosis",
+    "refine_enhancing",
     "masks_to_regions",
 ]
 
@@ -262,6 +263,32 @@ def keep_main_components(masks: TumourMasks, min_fraction: float = 0.2) -> Tumou
     keep_ids = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
     keep = np.isin(labels, keep_ids)
     return TumourMasks(necrosis=masks.necrosis & keep, enhancing=masks.enhancing & keep, edema=masks.edema & keep)
+
+
+def _gaussian_log_likelihood(values: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """Log-likelihood (up to a constant) of `values` under the normal fitted to `sample`."""
+    mean, std = float(sample.mean()), float(sample.std()) + 1e-3
+    return -0.5 * ((values - mean) / std) ** 2 - np.log(std)
+
+
+def refine_enhancing(masks: TumourMasks, enhancing_prob: np.ndarray, t1c_z: np.ndarray,
+                     min_voxels: int = 50) -> TumourMasks:
+    """The enhancing / necrosis boundary inside the core at the resolution of `t1c_z` (the
+    brain-z-scored T1c on the masks' grid; the network works at 2 mm): a core voxel is
+    enhancing when the network's log-odds of ET (`enhancing_prob`) plus the log-likelihood
+    ratio of its T1c under two normals fitted to this case's own predicted enhancing and
+    necrotic voxels is positive. The core and the edema are unchanged; cases with fewer
+    than `min_voxels` voxels in either class are left as they are."""
+    core, enhancing = masks.core, masks.enhancing
+    necrosis = core & ~enhancing
+    if enhancing.sum() < min_voxels or necrosis.sum() < min_voxels:
+        return masks
+    t = np.asarray(t1c_z, np.float32)[core]
+    p = np.clip(np.asarray(enhancing_prob, np.float32)[core], 1e-4, 1 - 1e-4)
+    ratio = _gaussian_log_likelihood(t, t1c_z[enhancing]) - _gaussian_log_likelihood(t, t1c_z[necrosis])
+    refined = np.zeros_like(core)
+    refined[core] = np.log(p) - np.log1p(-p) + ratio > 0
+    return TumourMasks(necrosis=core & ~refined, enhancing=refined, edema=masks.edema)
 
 
 def small_enhancing_to_necrosis(masks: TumourMasks, min_voxels: int) -> TumourMasks:

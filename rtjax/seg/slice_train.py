@@ -8,7 +8,10 @@ rotation/scaling, flips, bias field, intensity scale/shift, gamma and noise; los
 checkpoints (orbax) every `checkpoint_seconds` and resumes from its latest checkpoint; the
 wall-clock budget `max_seconds` is split evenly over the folds. Then every held-out case is
 segmented by its fold's model and scored on its original grid (Dice, HD95 per region), and
-the fold models are exported as the ensemble (`workdir/weights`, the shipped layout).
+the fold models are exported as the ensemble (`workdir/weights`, the shipped layout); with
+`final_steps`, one model per view is then trained on every case and exported as the
+ensemble instead, the fold models beside it (`workdir/fold_weights`). Exports store float16
+parameters (`WEIGHTS_DTYPE`).
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from rtjax.metrics import dice, hausdorff95
 from rtjax.ml import TrainCheckpoints, save_weights
 from rtjax.provenance import write_json_atomic
 from rtjax.seg.data import resolve_data_root
-from rtjax.seg.cases import cached_case, find_labelled_cases
+from rtjax.seg.cases import cached_case, find_labelled_cases, robust_normalise
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks
-from rtjax.seg.model import REGIONS, UNet, masks_to_regions, small_enhancing_to_necrosis
+from rtjax.seg.model import REGIONS, UNet, masks_to_regions, refine_enhancing, small_enhancing_to_necrosis
 from rtjax.seg.slices import (ARCHITECTURE, MODALITIES, VIEWS, SliceModelConfig, SliceWeights, context_slices,
                               make_ensemble, to_view)
 from rtjax.seg.synth import blur_axis
@@ -89,9 +92,10 @@ class SliceTrainConfig:
             the ensemble (`weights/`: one member per view), the fold models beside them
             (`fold_weights/`), the cross-validation as their estimate; 0: export the fold
             models as the ensemble.
-        keep_fractions, min_enhancing_ml: post-processing candidates (`SliceModelConfig`);
-            the pair with the best mean held-out Dice goes into the exported weights (chosen
-            on the same held-out cases it is scored on: a small optimism, stated in cv.json).
+        keep_fractions, min_enhancing_ml, refine_enhancing: post-processing candidates
+            (`SliceModelConfig`); the combination with the best mean held-out Dice goes into
+            the exported weights (chosen on the same held-out cases it is scored on: a small
+            optimism, stated in cv.json).
     """
 
     data_root: str | None = None
@@ -115,6 +119,7 @@ class SliceTrainConfig:
     final_steps: int = 0
     keep_fractions: tuple[float, ...] = (0.2,)
     min_enhancing_ml: tuple[float, ...] = (0.0,)
+    refine_enhancing: tuple[bool, ...] = (False,)
 
 
 @dataclass(frozen=True)
@@ -341,6 +346,10 @@ def _optimizer(t: SliceTrainConfig, steps: int | None = None):
                                                          t.learning_rate * 0.02))
 
 
+#: Exported 2.5-D weights store their parameters in float16: half the size in the repository,
+#: restored as float32 (rounding moves the region probabilities by about 1e-3).
+WEIGHTS_DTYPE = jnp.float16
+
 #: `member_name` fold of the model of a view trained on every case (`train.final_steps`).
 FINAL = "final"
 
@@ -427,8 +436,9 @@ def _train_fold(fold: int | str, cases: list[dict], cfg: SliceSegConfig, workdir
 
 
 def _held_out_probabilities(weights: SliceWeights, case, path: Path):
-    """Region probabilities (X, Y, Z, 3), brain mask and reference region masks of a held-out
-    case on its original grid; the probabilities are cached in `path` (float16 npz)."""
+    """Region probabilities (X, Y, Z, 3), brain mask, reference region masks, voxel size and
+    brain-z-scored T1c of a held-out case on its original grid; the probabilities are
+    cached in `path` (float16 npz)."""
     t1c = load_image(case.t1c)
     masks, _ = load_tumour_masks(case.labels, case.convention)
     if path.is_file():
@@ -441,11 +451,13 @@ def _held_out_probabilities(weights: SliceWeights, case, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path.with_suffix(".tmp.npz"), probs=probs.astype(np.float16), brain=brain)
         path.with_suffix(".tmp.npz").replace(path)
-    return probs, brain, masks_to_regions(masks) > 0.5, t1c.spacing
+    return probs, brain, masks_to_regions(masks) > 0.5, t1c.spacing, robust_normalise(t1c.data, brain)
 
 
-def _postprocessed_regions(probs, brain, spacing, keep_fraction: float, min_enhancing_ml: float):
-    masks = probs_to_case_masks(probs, brain, keep_fraction, enhancing_voxels(min_enhancing_ml, spacing))
+def _postprocessed_regions(probs, brain, spacing, t1c_z, keep_fraction: float, min_enhancing_ml: float,
+                           refine: bool):
+    masks = probs_to_case_masks(probs, brain, keep_fraction, enhancing_voxels(min_enhancing_ml, spacing),
+                                t1c_z=t1c_z if refine else None)
     return masks_to_regions(masks) > 0.5
 
 
@@ -459,9 +471,10 @@ def _score(got, ref, spacing, with_hd95: bool = True) -> dict:
     return row
 
 
-def choose_postprocessing(dice_rows: dict[tuple[float, float], list[dict]]) -> tuple[float, float]:
-    """The (keep_fraction, min_enhancing_ml) whose held-out cases have the highest mean Dice
-    over WT, TC and ET; ties go to the first candidate."""
+def choose_postprocessing(dice_rows: dict[tuple, list[dict]]) -> tuple:
+    """The post-processing candidate (keep_fraction, min_enhancing_ml, refine_enhancing)
+    whose held-out cases have the highest mean Dice over WT, TC and ET; ties go to the first
+    candidate."""
     def mean_dice(rows):
         return float(np.mean([[r[f"dice_{region}"] for region in REGIONS] for r in rows]))
     return max(dice_rows, key=lambda k: mean_dice(dice_rows[k]))
@@ -474,7 +487,8 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
     post-processing, {candidate: mean Dice per region}, the choice). `fold_params`, `steps`:
     per (view, fold)."""
     t = cfg.train
-    candidates = [(float(k), float(e)) for k in t.keep_fractions for e in t.min_enhancing_ml]
+    candidates = [(float(k), float(e), bool(r)) for k in t.keep_fractions for e in t.min_enhancing_ml
+                  for r in t.refine_enhancing]
     tta = "_tta" if cfg.model.tta else ""
     one_member = {(view, fold): SliceWeights(ensemble_def, _stack([params]),
                                              dataclasses.replace(cfg.model, views=(view,), members=1), cfg.version)
@@ -490,21 +504,24 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
             cases.append((case, fold, (probs, *per_view[0][1:])))
             log(f"held-out probabilities: {case.name} (fold {fold})")
     dice_rows = {c: [] for c in candidates}
-    for case, fold, (probs, brain, ref, spacing) in cases:
+    for case, fold, (probs, brain, ref, spacing, t1c_z) in cases:
         for keep in t.keep_fractions:
             kept = probs_to_case_masks(probs, brain, float(keep))
-            for et_ml in t.min_enhancing_ml:
-                masks = small_enhancing_to_necrosis(kept, enhancing_voxels(et_ml, spacing))
-                dice_rows[(float(keep), float(et_ml))].append(_score(masks_to_regions(masks) > 0.5, ref, spacing, False))
+            for refine in t.refine_enhancing:
+                refined = refine_enhancing(kept, probs[..., 2], t1c_z) if refine else kept
+                for et_ml in t.min_enhancing_ml:
+                    masks = small_enhancing_to_necrosis(refined, enhancing_voxels(et_ml, spacing))
+                    dice_rows[(float(keep), float(et_ml), bool(refine))].append(
+                        _score(masks_to_regions(masks) > 0.5, ref, spacing, False))
     choice = choose_postprocessing(dice_rows)
     rows = []
-    for case, fold, (probs, brain, ref, spacing) in cases:
-        rows.append({"case": case.name, **_score(_postprocessed_regions(probs, brain, spacing, *choice), ref, spacing),
-                     "fold": fold})
+    for case, fold, (probs, brain, ref, spacing, t1c_z) in cases:
+        got = _postprocessed_regions(probs, brain, spacing, t1c_z, *choice)
+        rows.append({"case": case.name, **_score(got, ref, spacing), "fold": fold})
         log(json.dumps(rows[-1]))
-    tuning = {f"keep_fraction={k:g} min_enhancing_ml={e:g}":
-              {r: float(np.mean([row[f"dice_{r}"] for row in dice_rows[(k, e)]])) for r in REGIONS}
-              for k, e in candidates}
+    tuning = {f"keep_fraction={k:g} min_enhancing_ml={e:g} refine_enhancing={str(r).lower()}":
+              {region: float(np.mean([row[f"dice_{region}"] for row in dice_rows[(k, e, r)]])) for region in REGIONS}
+              for k, e, r in candidates}
     return rows, tuning, choice
 
 
@@ -516,8 +533,8 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
                  views: list[str] | None = None, final: bool = False) -> dict:
     """Train the k fold models of every view, cross-validate, then (`train.final_steps`)
     train one model per view on every case; export `workdir/weights` (the final models, or
-    the fold models without them) and `workdir/fold_weights` (the fold models, float16, for
-    warm starts); returns the summary.
+    the fold models without them) and `workdir/fold_weights` (the fold models, for warm
+    starts), both with float16 parameters; returns the summary.
 
     `folds`, `views`: train only these folds / views (each model with its share of
     `max_seconds`) and stop before cross-validation, so that they can train in parallel
@@ -567,26 +584,31 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
             "cross-validate and export")
         return {"trained_folds": chosen, "trained_views": chosen_views, "steps": list(steps.values())}
     ensemble_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, t.folds)))[0]
-    rows, tuning, (keep, et_ml) = _cross_validate(cfg, found, fold_params, steps, ensemble_def, workdir, log)
-    log(f"post-processing chosen on the held-out cases: keep_fraction {keep:g}, min_enhancing_ml {et_ml:g}")
+    rows, tuning, (keep, et_ml, refine) = _cross_validate(cfg, found, fold_params, steps, ensemble_def, workdir, log)
+    log(f"post-processing chosen on the held-out cases: keep_fraction {keep:g}, min_enhancing_ml {et_ml:g}, "
+        f"refine_enhancing {refine}")
     summary = {"folds": t.folds, "views": list(cfg.model.views), "steps": list(steps.values()), "cases": rows,
                "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")},
-               "postprocessing": {"keep_fraction": keep, "min_enhancing_ml": et_ml, "mean_dice": tuning}}
+               "postprocessing": {"keep_fraction": keep, "min_enhancing_ml": et_ml, "refine_enhancing": refine,
+                                  "mean_dice": tuning}}
     write_json_atomic(workdir / "cv.json", summary)
     config = to_dict(cfg)
-    config["model"].update(members=len(fold_params), keep_fraction=keep, min_enhancing_ml=et_ml)
+    config["model"].update(members=len(fold_params), keep_fraction=keep, min_enhancing_ml=et_ml,
+                           refine_enhancing=refine)
     card = model_card(cfg, summary, [c.name for c in found])
     fold_ensemble = nnx.merge(ensemble_def, _stack(list(fold_params.values())))
     if not t.final_steps:
-        summary["weights"] = str(save_weights(workdir / "weights", fold_ensemble, config, summary, model_card=card))
+        summary["weights"] = str(save_weights(workdir / "weights", fold_ensemble, config, summary, model_card=card,
+                                              dtype=WEIGHTS_DTYPE))
         return summary
-    save_weights(workdir / "fold_weights", fold_ensemble, config, summary, model_card=card, dtype=jnp.float16)
+    save_weights(workdir / "fold_weights", fold_ensemble, config, summary, model_card=card, dtype=WEIGHTS_DTYPE)
     finals = [train_final(view) for view in cfg.model.views]
     summary["final_steps"] = [step for _, step in finals]
     config["model"]["members"] = len(finals)
     final_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, len(finals))))[0]
     summary["weights"] = str(save_weights(workdir / "weights", nnx.merge(final_def, _stack([p for p, _ in finals])),
-                                          config, summary, model_card=model_card(cfg, summary, [c.name for c in found])))
+                                          config, summary, model_card=model_card(cfg, summary, [c.name for c in found]),
+                                          dtype=WEIGHTS_DTYPE))
     return summary
 
 
@@ -634,6 +656,10 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
                    "run's `fold_weights/`.")
     else:
         shipped = f"The members are the fold models{' of every view' if len(m.views) > 1 else ''}."
+    refine_choices = (f" x refine_enhancing {[bool(r) for r in t.refine_enhancing]}"
+                      if len(t.refine_enhancing) > 1 else "")
+    refine_rule = (", the enhancing boundary refined on the case's own T1c (`rtjax.seg.model.refine_enhancing`)"
+                   if pp.get("refine_enhancing") else "")
     et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
                if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
                "(the size rule did not raise the held-out Dice)")
@@ -644,8 +670,8 @@ widths {list(m.unet.widths)}, {m.unet.norm} norm) on {views} slices at {m.spacin
 {m.context} neighbouring slices on each side as channels (T1c + FLAIR, {m.unet.in_channels}
 channels), predicting the nested regions WT, TC, ET (sigmoids); members averaged and
 thresholded at 0.5. Post-processing, chosen by held-out Dice among
-keep_fraction {list(t.keep_fractions)} x min_enhancing_ml {list(t.min_enhancing_ml)}:
-whole-tumour components below {pp['keep_fraction']:g} of the largest dropped, {et_rule}.
+keep_fraction {list(t.keep_fractions)} x min_enhancing_ml {list(t.min_enhancing_ml)}{refine_choices}:
+whole-tumour components below {pp['keep_fraction']:g} of the largest dropped{refine_rule}, {et_rule}.
 Config: `config.yaml` (`architecture: slices`).
 
 **Training.** `rtjax train-seg configs/seg_slices.yaml --workdir runs/seg_slices` on a 2-core

@@ -12,11 +12,12 @@ docs/segmentation.md for the measured throughput).
   through `apply` (slices with an empty context skipped).
 * `combine_passes`: mean and spread over every member of several views (and flips).
 * `SliceWeights`: a fold (x view) ensemble ready for inference (`probabilities` on a case's
-  own grid).
+  own grid; `fold_members` the models of one fold).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -56,15 +57,18 @@ class SliceModelConfig:
 
     Attributes:
         unet: the 2-D U-Net (`in_channels` = 2 modalities x (2 * context + 1) slices).
-        views: slice orientations (`VIEWS` names), each with its own fold models; their
+        views: slice orientations (`VIEWS` names), each with its own models; their
             probabilities are averaged.
         context: neighbouring slices on each side given as channels.
         spacing: working grid spacing, mm (isotropic).
-        members: ensemble members: the cross-validation folds x `views`, view-major.
+        members: ensemble members, view-major: the cross-validation folds x `views`, or
+            one model per view trained on every case (`folds` 1).
         keep_fraction: post-processing: whole-tumour components smaller than this fraction
             of the largest are dropped.
         min_enhancing_ml: post-processing: a predicted enhancing region smaller than this
             in all, mL, becomes necrosis (0: never).
+        refine_enhancing: post-processing: the enhancing / necrosis boundary refined on the
+            case's own T1c at its own resolution (`rtjax.seg.model.refine_enhancing`).
         batch: slices per network call at inference.
         tta: average over the in-plane `TTA_FLIPS` at inference by default (4 passes).
     """
@@ -76,6 +80,7 @@ class SliceModelConfig:
     members: int = 3
     keep_fraction: float = 0.2
     min_enhancing_ml: float = 0.0
+    refine_enhancing: bool = False
     batch: int = 32
     tta: bool = False
 
@@ -90,7 +95,7 @@ class SliceModelConfig:
 
     @property
     def folds(self) -> int:
-        """Members per view (the cross-validation folds)."""
+        """Members per view: the cross-validation folds, 1 for models trained on every case."""
         return self.members // len(self.views)
 
 
@@ -189,6 +194,16 @@ class SliceWeights:
             return self.params
         k, n = self.config.views.index(view), self.config.folds
         return jax.tree.map(lambda a: a[k * n:(k + 1) * n], self.params)
+
+    def fold_members(self, fold: int) -> "SliceWeights":
+        """The ensemble of the fold-`fold` member of every view (one per view, like final
+        models): the models that never saw the cases this fold held out."""
+        cfg = self.config
+        if not 0 <= fold < cfg.folds:
+            raise ValueError(f"fold {fold}: this ensemble has {cfg.folds} fold(s) per view")
+        picked = [k * cfg.folds + fold for k in range(len(cfg.views))]
+        return dataclasses.replace(self, params=jax.tree.map(lambda a: a[np.asarray(picked)], self.params),
+                                   config=dataclasses.replace(cfg, members=len(cfg.views)))
 
     def apply(self, slices: np.ndarray, params=None) -> np.ndarray:
         """(b, X, Y, C) slices -> (b, X, Y, 6): mean WT/TC/ET probabilities over the members
