@@ -9,6 +9,6 @@ import argparse
 from rtjax.experiments.anatomy_benchmark import benchmark_anatomy
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one BRATS case only")
     benchmark_anatomy(quick=parser.parse_args().quick)

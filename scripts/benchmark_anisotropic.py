@@ -21,7 +21,7 @@ from rtjax.experiments.benchmark import (
 from rtjax.provenance import run_metadata, write_json_atomic
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-fit", action="store_true")

@@ -10,7 +10,7 @@ from rtjax.experiments.fit_evaluation import benchmark_fit, format_benchmark_tab
 from rtjax.provenance import run_metadata, write_json_atomic
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("n_simulated", type=int, nargs="?", default=2, help="simulated cases")
     parser.add_argument("out_json", nargs="?", default=None, help="also write the rows here")
     args = parser.parse_args()

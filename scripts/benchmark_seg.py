@@ -11,7 +11,7 @@ from pathlib import Path
 from rtjax.experiments.seg_benchmark import benchmark_table
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, action="append", default=None,
                         help="weights folder (repeatable; default: the shipped weights)")
     parser.add_argument("--repeats", type=int, default=3)

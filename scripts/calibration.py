@@ -11,7 +11,7 @@ import argparse
 from rtjax.experiments.calibration import format_calibration, run_calibration
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study_dir", help="a cohort study folder (cases/, truth/)")
     parser.add_argument("n", type=int, nargs="?", default=10, help="patients (the first N)")
     args = parser.parse_args()

@@ -14,7 +14,7 @@ import argparse
 from rtjax.experiments.cohort_study import ARMS, format_study_table, run_cohort_study
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("n", type=int, help="number of synthetic patients")
     parser.add_argument("out_dir", help="output folder (e.g. runs/cohort_study)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -10,7 +10,7 @@ from pathlib import Path
 from rtjax.experiments.seg_probes import bias_rows
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demo_dir", type=Path, help="folder written by `rtjax demo` (case/, truth/)")
     parser.add_argument("--bias", type=float, nargs="+", default=[0.0, 0.1, 0.3],
                         help="log-amplitudes of the bias field (RenderConfig.bias)")

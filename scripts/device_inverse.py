@@ -32,7 +32,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 from rtjax.jobs.inverse import run_device_job  # noqa: E402 (after the clock starts)
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, required=True, help="wall-clock budget, s")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--config", type=Path, default=CONFIGS / "inverse_h100.yaml")

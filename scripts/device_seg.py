@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, required=True, help="hard wall-clock budget, seconds")
     parser.add_argument("--data", type=Path, default=None, help="data root with brats2015/ and tcga/")
     parser.add_argument("--out", type=Path, required=True, help="output folder")

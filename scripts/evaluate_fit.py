@@ -13,7 +13,7 @@ from rtjax.experiments.fit_evaluation import evaluate_fit, format_fit_table
 from rtjax.provenance import run_metadata, write_json_atomic
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("n_cases", type=int, nargs="?", default=20)
     parser.add_argument("out_json", nargs="?", default=None)
     parser.add_argument("--out", dest="out", default=None)

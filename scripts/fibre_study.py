@@ -10,7 +10,7 @@ from rtjax.data import data_root
 from rtjax.experiments.fibre_study import run_fibre_study
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", default="fibre_study", help="output folder")
     out = parser.parse_args().out_dir
     for run in run_fibre_study(data_root(), out):

@@ -18,7 +18,7 @@ from pathlib import Path
 from rtjax.experiments.gliodil import format_comparison, run_gliodil_case
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="output folder (the case outputs)")
     parser.add_argument("--data", type=Path, default=None,
                         help="real-data root (default: RTJAX_DATA or ../shared/data)")

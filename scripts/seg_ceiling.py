@@ -13,7 +13,7 @@ from rtjax.experiments.seg_probes import resolution_ceiling_rows
 from rtjax.seg.model import REGIONS
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="data root (default RTJAX_DATA or ../shared/data)")
     parser.add_argument("--spacing", type=float, default=2.0, help="working grid spacing, mm")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ from rtjax.data import data_root
 from rtjax.experiments.seg_probes import held_out_cases, missed_rows, threshold_rows
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path, help="rtjax train-seg workdir (with cv_probs/)")
     parser.add_argument("--data", type=Path, default=None, help="data root (default RTJAX_DATA or ../shared/data)")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ from rtjax.data import data_root
 from rtjax.experiments.seg_uncertainty import format_uncertainty_table, uncertainty_rows
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="data root (default RTJAX_DATA or ../shared/data)")
     parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights)")
     parser.add_argument("--held-out-weights", type=Path, default=None,

@@ -13,7 +13,7 @@ from rtjax.experiments.seg_probes import view_rows
 from rtjax.seg.slices import VIEWS
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path, help="rtjax train-seg workdir (with cv_probs/ of every view)")
     parser.add_argument("--data", type=Path, default=None, help="data root (default RTJAX_DATA or ../shared/data)")
     parser.add_argument("--views", nargs="+", default=["axial", "coronal", "sagittal"], choices=list(VIEWS),
