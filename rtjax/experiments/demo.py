@@ -212,8 +212,8 @@ def demo_summary(out_dir: str | Path) -> str:
         scores = json.loads(network.read_text())
         dice = scores["dice_against_seg"]
         real = scores.get("cross_validated_dice_real_cases") or {}
-        on_real = (f"cross-validated on real BraTS cases: Dice WT {real['WT']:.2f}, TC {real['TC']:.2f}, "
-                   f"ET {real['ET']:.2f} (docs/segmentation.md); " if len(real) == 3 else "")
+        on_real = (f"cross-validated on real BraTS cases: Dice WT {real['WT']:.3f}, TC {real['TC']:.3f}, "
+                   f"ET {real['ET']:.3f} (docs/segmentation.md); " if len(real) == 3 else "")
         lines.append(f"segmentation network {scores['weights_version']}: {on_real}on the demo's rendered "
                      f"T1c/FLAIR against its seg: Dice WT {dice['WT']:.3f}, TC {dice['TC']:.3f}, "
                      f"ET {dice['ET']:.3f} (the fit above uses the case's seg, as a user's case with a "
