@@ -67,6 +67,17 @@ def test_parameter_count_and_shapes():
     assert out.shape == (3, 2, 16, 16, 8, 3)
 
 
+def test_members_in_turn_give_the_vectorised_ensemble_outputs():
+    cfg = model.UNetConfig(widths=(4, 8), norm="group", groups=2, spatial_dims=2, in_channels=10)
+    ens = model.create_ensemble(cfg, 3, seed=1)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 10))
+    together = model.ensemble_logits(ens, x)
+    in_turn = model.ensemble_logits(ens, x, sequential=True)
+    assert in_turn.shape == together.shape == (3, 2, 16, 16, 3)
+    assert float(jnp.abs(together[0] - together[1]).max()) > 1e-3  # the members differ
+    np.testing.assert_allclose(np.asarray(in_turn), np.asarray(together), rtol=1e-4, atol=1e-5)
+
+
 def test_normalise_raw_and_prenormalised_agree(phantom):
     x_raw = model.normalise(phantom["t1c"], phantom["flair"])
     brain = model.brain_mask_from_images(phantom["t1c"], phantom["flair"])

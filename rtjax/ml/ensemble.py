@@ -26,9 +26,15 @@ def create_ensemble(make: Callable[[nnx.Rngs], nnx.Module], members: int, seed: 
     return create(nnx.Rngs(seed))
 
 
-def ensemble_apply(model: nnx.Module, x: Array) -> Array:
-    """Every member applied to the same batch: (members, batch, ...)."""
-    return nnx.vmap(lambda m, xx: m(xx), in_axes=(0, None), out_axes=0)(model, x)
+def ensemble_apply(model: nnx.Module, x: Array, sequential: bool = False) -> Array:
+    """Every member applied to the same batch: (members, batch, ...). `sequential`: one
+    member after the other (`jax.lax.map`) instead of vectorised; the same numbers, and on
+    a CPU much faster for convolutional members, whose vectorised convolution XLA runs
+    several times slower than the members in turn (`python scripts/benchmark_seg.py`)."""
+    if not sequential:
+        return nnx.vmap(lambda m, xx: m(xx), in_axes=(0, None), out_axes=0)(model, x)
+    graphdef, state = nnx.split(model)
+    return jax.lax.map(lambda member: nnx.merge(graphdef, member)(x), state)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -164,7 +164,7 @@ def predict_volume(apply: Callable, x: np.ndarray, context: int, divisor: int, b
 @functools.cache
 def _mean_probs_jit():
     def mean_probs(graphdef, params, x):
-        logits = ensemble_apply(nnx.merge(graphdef, params), x)  # (K, b, X, Y, 3)
+        logits = ensemble_apply(nnx.merge(graphdef, params), x, sequential=True)  # (K, b, X, Y, 3)
         p = jax.nn.sigmoid(logits)
         return jnp.concatenate([p.mean(0), p.std(0)], axis=-1)
     return jax.jit(mean_probs, static_argnums=0)
