@@ -14,7 +14,7 @@ from rtjax.cli import app
 from rtjax.config import read_yaml
 from rtjax.seg.cases import find_labelled_cases, prepare_case, robust_normalise
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks, segment_arrays
-from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, choose_postprocessing, fold_of,
+from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, _loss, choose_postprocessing, fold_of,
                                    load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params,
                                    blur_slices, intensity_curves, CURVE_KNOTS, _augment,
                                    _random_curves, _train_view)
@@ -386,3 +386,27 @@ def test_random_contrast_curves_are_monotonic_keep_zero_and_are_shared_by_the_co
     zero = np.asarray(_random_curves(jax.random.key(5), np.zeros((8, 4, 4, 10), np.float32), 1.0, 2))
     np.testing.assert_allclose(zero, 0.0, atol=1e-6)
     np.testing.assert_allclose(_random_curves(jax.random.key(5), x, 0.0, 2), x, atol=1e-5)  # share 0: identity
+
+
+def test_region_weights_weight_each_region_loss():
+    class Fixed:  # a "model" whose logits are given
+        def __init__(self, logits):
+            self.logits = logits
+
+        def __call__(self, x):
+            return self.logits
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    y = (rng.random((2, 8, 8, 3)) > 0.6).astype(np.float32)
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    bce = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean((0, 1, 2))
+    dice_loss = 1 - (2 * (p * y).sum((0, 1, 2)) + 1) / (p.sum((0, 1, 2)) + y.sum((0, 1, 2)) + 1)
+    per_region = bce + dice_loss
+    model = Fixed(jax.numpy.asarray(logits))
+    np.testing.assert_allclose(float(_loss(model, None, y)), per_region.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(_loss(model, None, y, (0.0, 1.0, 0.0))), per_region[1], rtol=1e-5)
+    np.testing.assert_allclose(float(_loss(model, None, y, (1.0, 2.0, 2.0))), (per_region * [1, 2, 2]).sum() / 5,
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="region_weights must be 3 weights"):
+        SliceSegConfig(train=SliceTrainConfig(region_weights=(1.0, -1.0, 1.0)))

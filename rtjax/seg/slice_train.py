@@ -77,6 +77,8 @@ class SliceTrainConfig:
             volume of the original-grid masks, `PreparedCase.regions`) instead of the
             thresholded masks: the network learns where a boundary lies inside a working
             voxel, which the trilinear resampling back to the case's grid then uses.
+        region_weights: weight of WT, TC and ET in the loss (BCE and soft Dice, each a
+            weighted mean over the regions); equal weights: the plain mean.
         max_seconds: wall-clock budget of all models together (folds x views, plus views
             with `final_steps`), split evenly (None: `steps` only).
         checkpoint_seconds: checkpoint interval.
@@ -111,6 +113,7 @@ class SliceTrainConfig:
     blur: float = 0.0
     contrast: float = 0.0
     soft_targets: bool = False
+    region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     max_seconds: float | None = None
     checkpoint_seconds: float = 180.0
     log_every: int = 25
@@ -136,6 +139,10 @@ class SliceSegConfig:
             raise ValueError(f"architecture must be {ARCHITECTURE!r}")
         if self.train.crop % self.model.unet.divisor:
             raise ValueError(f"train.crop must be a multiple of {self.model.unet.divisor}")
+        weights = self.train.region_weights
+        if len(weights) != len(REGIONS) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"train.region_weights must be {len(REGIONS)} weights >= 0 ({', '.join(REGIONS)}) "
+                             f"with a positive sum, got {list(weights)}")
 
 
 def load_slice_config(path) -> SliceSegConfig:
@@ -317,20 +324,23 @@ def _augment(key, x, y, blur: float = 0.0, contrast: float = 0.0):
     return jnp.where(inside, x, 0.0), y
 
 
-def _loss(model, x, y):
+def _loss(model, x, y, region_weights=(1.0, 1.0, 1.0)):
+    """BCE + soft Dice (over the batch) of (b, X, Y, 3) region logits, each a mean over the
+    regions weighted by `region_weights`."""
     logits = model(x)
-    bce = optax.sigmoid_binary_cross_entropy(logits, y).mean()
+    w = jnp.asarray(region_weights, jnp.float32) / sum(region_weights)
+    bce = optax.sigmoid_binary_cross_entropy(logits, y).mean((0, 1, 2))
     p = jax.nn.sigmoid(logits)
     inter = (p * y).sum((0, 1, 2))
     soft_dice = 1.0 - (2 * inter + 1.0) / (p.sum((0, 1, 2)) + y.sum((0, 1, 2)) + 1.0)
-    return bce + soft_dice.mean()
+    return (w * (bce + soft_dice)).sum()
 
 
-def _make_step(graphdef, tx, blur: float = 0.0, contrast: float = 0.0):
+def _make_step(graphdef, tx, blur: float = 0.0, contrast: float = 0.0, region_weights=(1.0, 1.0, 1.0)):
     @jax.jit
     def step(params, opt_state, key, x, y):
         x, y = _augment(key, x, y, blur, contrast)
-        value, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), x, y))(params)
+        value, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), x, y, region_weights))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
     return step
@@ -569,8 +579,10 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
     models = (t.folds + (1 if t.final_steps else 0)) * len(cfg.model.views)
     seconds = None if t.max_seconds is None else t.max_seconds / models
     graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
-    step_fn = _make_step(graphdef, _optimizer(t), t.blur, t.contrast)  # one compilation serves every fold
-    final_step = functools.cache(lambda: _make_step(graphdef, _optimizer(t, t.final_steps), t.blur, t.contrast))
+    weights = tuple(t.region_weights)
+    step_fn = _make_step(graphdef, _optimizer(t), t.blur, t.contrast, weights)  # one compilation serves every fold
+    final_step = functools.cache(lambda: _make_step(graphdef, _optimizer(t, t.final_steps), t.blur, t.contrast,
+                                                    weights))
     train_final = lambda view: _train_final(view, prepared, cfg, workdir, seconds, final_step(), log)
     if final:
         steps = [train_final(view)[1] for view in chosen_views]
