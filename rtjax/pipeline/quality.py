@@ -52,10 +52,11 @@ MIN_FOCUS_ML = 0.1
 #: A parameter within this fraction of its box's width of a bound is "at the bound".
 BOUND_TOL = 0.01
 #: Above this mean network uncertainty inside the segmented tumour the masks are unsure.
-#: Set with the slices-cpu-0.2 ensemble and re-measured with slices-cpu-0.3 (spread of its 3 fold
-#: members) on the 22 labelled cases (`python scripts/seg_uncertainty.py`, docs/command-line.md):
-#: against each case's held-out Dice WT, Spearman -0.44 (p = 0.039; 0.2: -0.55); above 0.25 sit
-#: 3 of the 6 cases whose held-out Dice is below 0.7 and none of the 16 others.
+#: Set with the slices-cpu-0.2 ensemble; re-measured with slices-cpu-0.6 on the 22 labelled
+#: cases (`python scripts/seg_uncertainty.py --held-out-weights rtjax/weights/seg_folds`,
+#: docs/command-line.md): the spread of the fold models that never saw a case against its
+#: held-out Dice WT, Spearman -0.35 (p = 0.11); above 0.25 sit 2 of the 22 (WT 0.713, and TC
+#: 0.172), the BraTS 2023 case at 0.167. Left at 0.25, not re-fitted to 22 points.
 MAX_SEG_UNCERTAINTY = 0.25
 
 _CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected parts
