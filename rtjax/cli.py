@@ -499,7 +499,8 @@ def tissue(
 
 @_command("train-seg")
 def train_seg(
-    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/seg_cpu.yaml.")],
+    config: Annotated[Path, typer.Argument(help="YAML config: configs/seg_slices.yaml (the shipped 2.5-D "
+                                                "recipe) or a 3-D one (configs/seg_cpu.yaml, seg_h100.yaml).")],
     workdir: Annotated[Path, typer.Option("--workdir", help="Checkpoints, bank, leave-one-out results, weights/.")],
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="Wall-clock budget, s (overrides train.max_seconds).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Real-data root searched for labelled cases (overrides the config's data root).")] = None,
