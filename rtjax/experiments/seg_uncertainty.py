@@ -64,11 +64,11 @@ def uncertainty_rows(root, *, weights=None, held_out_weights=None,
     fold_of_case = {r["case"]: r["fold"] for r in _cv_cases(folds_w)} if folds_w is not None else {}
     rows = []
     for case in find_labelled_cases(root):
-        files = (case.t1c, case.flair, case.labels, case.convention, case.brain_mask)
-        row = {**_row(case.name, case.t1c, case.flair, w, *files[2:]), "held_out_dice_wt": held_out.get(case.name),
+        reference = (case.labels, case.convention, case.brain_mask)
+        row = {**_row(case.name, case.t1c, case.flair, w, *reference), "held_out_dice_wt": held_out.get(case.name),
                "held_out_uncertainty": None}
         if case.name in fold_of_case:
-            own = _row(case.name, case.t1c, case.flair, folds_w.fold_members(fold_of_case[case.name]), *files[2:])
+            own = _row(case.name, case.t1c, case.flair, folds_w.fold_members(fold_of_case[case.name]), *reference)
             row.update(held_out_dice_wt=own["dice_wt"], held_out_uncertainty=own["mean_uncertainty_in_wt"])
         rows.append(row)
         progress(f"{case.name}: Dice WT {row['dice_wt']:.3f}, uncertainty {row['mean_uncertainty_in_wt']}, "

@@ -33,7 +33,7 @@ from flax import nnx
 from rtjax.io import load_case, save_image
 from rtjax.labels import combine_labels, get_convention
 from rtjax.ml import read_weights_config, restore_params
-from rtjax.seg.cases import robust_normalise
+from rtjax.seg.cases import normalise_pair
 from rtjax.seg.config import SegConfig, config_from_dict
 from rtjax.seg.grid import resample_to_shape, working_shape
 from rtjax.seg.slices import ARCHITECTURE, SliceWeights
@@ -299,9 +299,9 @@ def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncert
 
     w = weights if isinstance(weights, (SegWeights, SliceWeights)) else load_weights(weights)
     if isinstance(w, SliceWeights):
-        probs, spread, brain = w.probabilities(t1c, flair, spacing, brain_mask,
-                                               tta=w.config.tta if tta is None else bool(tta))
-        t1c_z = robust_normalise(t1c, brain) if w.config.refine_enhancing else None
+        x, brain = normalise_pair(t1c, flair, brain_mask)
+        probs, spread = w.normalised_probabilities(x, spacing, tta=w.config.tta if tta is None else bool(tta))
+        t1c_z = x[..., 0] if w.config.refine_enhancing else None  # the brain-z-scored T1c
         masks = probs_to_case_masks(probs, brain, w.config.keep_fraction,
                                     enhancing_voxels(w.config.min_enhancing_ml, spacing), t1c_z=t1c_z)
         return masks, spread if uncertainty else None

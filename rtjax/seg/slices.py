@@ -231,6 +231,11 @@ class SliceWeights:
         also returns the brain mask used. `tta`: average over the in-plane `TTA_FLIPS`
         (4 network passes per view instead of 1)."""
         x, brain = normalise_pair(t1c, flair, brain)
+        return (*self.normalised_probabilities(x, spacing, tta), brain)
+
+    def normalised_probabilities(self, x: np.ndarray, spacing, tta: bool = False):
+        """Region probabilities (X, Y, Z, 3) and spread (X, Y, Z) of the network input `x`
+        (X, Y, Z, 2) that `normalise_pair` made, on its grid of voxel size `spacing` mm."""
         xw = resample_to_shape(x, working_shape(x.shape[:3], spacing, self.config.spacing))
         out = resample_to_shape(self.working_probabilities(xw, tta), x.shape[:3])
-        return np.clip(out[..., :3], 0.0, 1.0), np.clip(out[..., 3], 0.0, None), brain
+        return np.clip(out[..., :3], 0.0, 1.0), np.clip(out[..., 3], 0.0, None)
