@@ -2,7 +2,8 @@
 
 `training_rows()` times one Adam step (float32, jit, after compilation; BCE on random data,
 so every row does the same work per sample) of the 2.5-D recipe and of the 3-D recipe it
-replaced; `inference_rows(weights)` times `segment_arrays` on a 240 x 240 x 155 case at 1 mm
+replaced, and the whole step `rtjax train-seg` runs for the shipped weights (augmentation,
+BCE + soft Dice: what a training run gets); `inference_rows(weights)` times `segment_arrays` on a 240 x 240 x 155 case at 1 mm
 (no TTA) for weights folders. `benchmark_table()` prints both as markdown with ratios.
 """
 
@@ -16,10 +17,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rtjax.seg.infer import load_weights, segment_arrays
+from rtjax.seg.infer import DEFAULT_WEIGHTS, load_weights, segment_arrays
 from rtjax.seg.model import UNet, UNetConfig
+from rtjax.seg.slice_train import SliceSegConfig, load_slice_config, make_train_step
 
-__all__ = ["TRAIN_RECIPES", "train_step_seconds", "training_rows", "inference_rows", "benchmark_table"]
+__all__ = ["TRAIN_RECIPES", "train_step_seconds", "trained_step_seconds", "training_rows", "inference_rows", "benchmark_table"]
 
 #: (name, U-Net, input shape of one step (batch, spatial..., channels)).
 TRAIN_RECIPES = (
@@ -56,12 +58,39 @@ def train_step_seconds(cfg: UNetConfig, shape: tuple[int, ...], repeats: int = 3
     return (time.perf_counter() - start) / repeats
 
 
-def training_rows(repeats: int = 3) -> list[dict]:
-    """One row per `TRAIN_RECIPES` entry: seconds per step and samples per second."""
+def trained_step_seconds(cfg: SliceSegConfig, repeats: int = 3) -> float:
+    """Seconds of one step of `cfg`'s training recipe as `rtjax train-seg` runs it
+    (`make_train_step`: augmentation, BCE + soft Dice, Adam; after compiling) on a batch of
+    random crops."""
+    step, tx = make_train_step(cfg)
+    params = nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(0)))[1]
+    t, channels = cfg.train, cfg.model.unet.in_channels
+    kx, ky = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (t.batch, t.crop, t.crop, channels))
+    y = (jax.random.uniform(ky, (t.batch, t.crop, t.crop, 3)) < 0.2).astype(jnp.float32)
+    state = step(params, tx.init(params), jax.random.key(1), x, y)[:2]
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(repeats):
+        state = step(*state, jax.random.key(2 + i), x, y)[:2]
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / repeats
+
+
+def training_rows(repeats: int = 3, trained_config=None) -> list[dict]:
+    """One row per `TRAIN_RECIPES` entry (seconds per step, samples per second), then the
+    whole training step of `trained_config` (a 2.5-D config file; default: the shipped
+    weights' `config.yaml`)."""
     rows = []
     for name, cfg, shape in TRAIN_RECIPES:
         seconds = train_step_seconds(cfg, shape, repeats)
         rows.append({"recipe": name, "s_per_step": seconds, "samples_per_s": shape[0] / seconds})
+    cfg = load_slice_config(trained_config or DEFAULT_WEIGHTS / "config.yaml")
+    seconds = trained_step_seconds(cfg, repeats)
+    t = cfg.train
+    rows.append({"recipe": f"{cfg.version} as trained (blur {t.blur:g}, contrast {t.contrast:g}, "
+                           f"BCE + soft Dice; {t.batch} x {t.crop}^2)",
+                 "s_per_step": seconds, "samples_per_s": t.batch / seconds})
     return rows
 
 

@@ -47,7 +47,7 @@ __all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of",
            "sample_batch",
            "paste_tumour",
            "blur_slices", "intensity_curves", "CURVE_KNOTS",
-           "train_slices", "cv_table"]
+           "make_train_step", "train_slices", "cv_table"]
 
 
 @dataclass(frozen=True)
@@ -356,6 +356,17 @@ def _optimizer(t: SliceTrainConfig, steps: int | None = None):
                                                          t.learning_rate * 0.02))
 
 
+def make_train_step(cfg: SliceSegConfig, steps: int | None = None):
+    """`(step, optimizer)` of `cfg`'s recipe: the jitted `step(params, opt_state, key, x, y)
+    -> (params, opt_state, loss)` on (b, crop, crop, C) inputs and (b, crop, crop, 3) targets
+    (augmentation with `train.blur` and `train.contrast`, BCE + soft Dice weighted by
+    `train.region_weights`, Adam over `steps`, default `train.steps`) and its optax optimizer."""
+    t = cfg.train
+    graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
+    tx = _optimizer(t, steps)
+    return _make_step(graphdef, tx, t.blur, t.contrast, tuple(t.region_weights)), tx
+
+
 #: Exported 2.5-D weights store their parameters in float16: half the size in the repository,
 #: restored as float32 (rounding moves the region probabilities by about 1e-3).
 WEIGHTS_DTYPE = jnp.float16
@@ -578,11 +589,8 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
     prepared = [cached_case(c, cfg.model.spacing, cache) for c in found]
     models = (t.folds + (1 if t.final_steps else 0)) * len(cfg.model.views)
     seconds = None if t.max_seconds is None else t.max_seconds / models
-    graphdef = nnx.split(nnx.eval_shape(lambda: UNet(cfg.model.unet, rngs=nnx.Rngs(0))))[0]
-    weights = tuple(t.region_weights)
-    step_fn = _make_step(graphdef, _optimizer(t), t.blur, t.contrast, weights)  # one compilation serves every fold
-    final_step = functools.cache(lambda: _make_step(graphdef, _optimizer(t, t.final_steps), t.blur, t.contrast,
-                                                    weights))
+    step_fn = make_train_step(cfg)[0]  # one compilation serves every fold
+    final_step = functools.cache(lambda: make_train_step(cfg, t.final_steps)[0])
     train_final = lambda view: _train_final(view, prepared, cfg, workdir, seconds, final_step(), log)
     if final:
         steps = [train_final(view)[1] for view in chosen_views]
