@@ -18,7 +18,8 @@ from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks,
 from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, _loss, choose_postprocessing, fold_of,
                                    load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params,
                                    blur_slices, intensity_curves, CURVE_KNOTS, _augment,
-                                   _random_curves, _train_view, make_train_step)
+                                   _random_curves, _train_view, make_train_step,
+                                   pack_finished_models, unpack_finished_models)
 from rtjax.experiments.seg_benchmark import trained_step_seconds
 from rtjax.seg.slices import (TTA_FLIPS, SliceModelConfig, SliceWeights, combine_passes, context_slices, from_view,
                               predict_volume, to_view)
@@ -162,6 +163,23 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
     assert "fold 0: resumed at step 3" in lines and second["steps"] == [5, 5]
     weights = load_weights(tmp_path / "run" / "weights")
     assert isinstance(weights, SliceWeights) and weights.version == "test"
+    # finished models packed (float16, as exported) and unpacked into a fresh workdir: resumed
+    # as finished, exported to the same weights
+    assert pack_finished_models(more, tmp_path / "run", tmp_path / "packed") == ["fold0", "fold1"]
+    assert pack_finished_models(cfg, tmp_path / "run", tmp_path / "short") == ["fold0", "fold1"]  # 5 >= 3
+    assert unpack_finished_models(more, tmp_path / "packed", tmp_path / "copy") == ["fold0", "fold1"]
+    assert unpack_finished_models(more, tmp_path / "packed", tmp_path / "copy") == []  # already there
+    lines = []
+    copied = train_slices(more, tmp_path / "copy", log=lines.append)
+    assert "fold 0: resumed at step 5" in lines and copied["steps"] == [5, 5]
+    for a, b in zip(jax.tree.leaves(load_weights(tmp_path / "copy" / "weights").params), jax.tree.leaves(weights.params)):
+        np.testing.assert_array_equal(a, b)
+    longer = SliceSegConfig(version="test", model=model, train=SliceTrainConfig(**{**train.__dict__, "steps": 9}))
+    with pytest.raises(ValueError, match="step 5 is short of the config's 9"):
+        unpack_finished_models(longer, tmp_path / "packed", tmp_path / "other")
+    three = SliceSegConfig(version="test", model=model, train=SliceTrainConfig(**{**train.__dict__, "folds": 1}))
+    with pytest.raises(ValueError, match=r"\['fold1.npz'\] are not models of this config"):
+        unpack_finished_models(three, tmp_path / "packed", tmp_path / "other")
     assert weights.config.members == 2
     card = (tmp_path / "run" / "weights" / "MODEL_CARD.md").read_text()
     assert "`test`" in card and card.count("| P2 | 0 |") == 1 and "| **mean** |" in card

@@ -47,7 +47,7 @@ __all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of",
            "sample_batch",
            "paste_tumour",
            "blur_slices", "intensity_curves", "CURVE_KNOTS",
-           "make_train_step", "train_slices", "cv_table"]
+           "make_train_step", "train_slices", "pack_finished_models", "unpack_finished_models", "cv_table"]
 
 
 @dataclass(frozen=True)
@@ -457,6 +457,86 @@ def _train_fold(fold: int | str, cases: list[dict], cfg: SliceSegConfig, workdir
         if step != ckpt.latest_step():
             ckpt.save(step, params, opt_state)
     return params, step
+
+
+def _model_steps(cfg: SliceSegConfig, fold: int | str) -> int:
+    return cfg.train.final_steps if fold == FINAL else cfg.train.steps
+
+
+def _members(cfg: SliceSegConfig) -> list[tuple[str, int | str]]:
+    """Every (view, fold) model a run of `cfg` trains: the fold models, then the final ones."""
+    folds = [*range(cfg.train.folds), *([FINAL] if cfg.train.final_steps else [])]
+    return [(view, fold) for view in cfg.model.views for fold in folds]
+
+
+def _template_params(cfg: SliceSegConfig) -> nnx.State:
+    return nnx.split(UNet(cfg.model.unet, rngs=nnx.Rngs(0)))[1]
+
+
+def pack_finished_models(cfg: SliceSegConfig, workdir, out) -> list[str]:
+    """Write each finished model of `workdir` (a checkpoint at its steps: `train.steps`, or
+    `train.final_steps` for a final model) as ``out/<member>.npz``: its parameters in float16
+    (`WEIGHTS_DTYPE`, as the export stores them) and its step. About 1 MB a model against
+    2-5.5 MB for its checkpoint: a long run's finished models carried between sessions or
+    machines (`unpack_finished_models` puts them back). Returns the member names written."""
+    workdir, out = Path(workdir), Path(out)
+    template = _template_params(cfg)
+    opt_state = _optimizer(cfg.train).init(template)
+    written = []
+    for view, fold in _members(cfg):
+        name, steps = member_name(view, fold), _model_steps(cfg, fold)
+        if not (workdir / name).is_dir():
+            continue
+        with TrainCheckpoints(workdir / name) as ckpt:
+            step = ckpt.latest_step()
+            if step is None or step < steps:
+                continue
+            params, _ = ckpt.restore(step, _template_params(cfg), opt_state)
+        flat = {jax.tree_util.keystr(path): np.asarray(leaf, WEIGHTS_DTYPE)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]}
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f"{name}.tmp.npz"
+        np.savez_compressed(tmp, step=np.int64(step), version=np.str_(cfg.version), **flat)
+        tmp.replace(out / f"{name}.npz")
+        written.append(name)
+    return written
+
+
+def unpack_finished_models(cfg: SliceSegConfig, packed, workdir) -> list[str]:
+    """Checkpoint each ``packed/<member>.npz`` (`pack_finished_models`) into `workdir` at its
+    step, the parameters back in float32 and the Adam moments fresh (a finished model never
+    uses them again), unless `workdir` already holds a checkpoint of that member at that
+    step or later; the trainer then resumes it as finished. Returns the member names written."""
+    packed, workdir = Path(packed), Path(workdir)
+    known = {member_name(view, fold): fold for view, fold in _members(cfg)}
+    files = sorted(packed.glob("*.npz"))
+    unknown = [f.name for f in files if f.stem not in known]
+    if unknown:
+        raise ValueError(f"{packed}: {unknown} are not models of this config "
+                         f"({cfg.train.folds} folds, views {list(cfg.model.views)})")
+    written = []
+    for path in files:
+        name = path.stem
+        template = _template_params(cfg)
+        pure = nnx.to_pure_dict(template)
+        with np.load(path) as stored:
+            step = int(stored["step"])
+            leaves = []
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
+                key = jax.tree_util.keystr(key_path)
+                if key not in stored or stored[key].shape != leaf.shape:
+                    raise ValueError(f"{path}: parameter {key} is missing or has another shape than the "
+                                     f"config's U-Net ({cfg.model.unet})")
+                leaves.append(jnp.asarray(stored[key], jnp.float32))
+        if step < _model_steps(cfg, known[name]):
+            raise ValueError(f"{path}: step {step} is short of the config's {_model_steps(cfg, known[name])}")
+        nnx.replace_by_pure_dict(template, jax.tree.unflatten(jax.tree.structure(pure), leaves))
+        with TrainCheckpoints(workdir / name) as ckpt:
+            if (ckpt.latest_step() or 0) >= step:
+                continue
+            ckpt.save(step, template, _optimizer(cfg.train).init(template))
+        written.append(name)
+    return written
 
 
 def _held_out_probabilities(weights: SliceWeights, case, path: Path):
