@@ -414,6 +414,15 @@ def test_intensity_curves_map_each_modality_by_its_own_curve_on_every_context_sl
     # |z| between the knots, then continued with the end slopes (-1 below -4, +1 above 8)
     np.testing.assert_allclose(got[1, ..., 0], np.abs(s[1, ..., 0]), atol=1e-5)
     np.testing.assert_allclose(got[1, ..., 1], -s[1, ..., 1], atol=1e-5)
+    # any curve: np.interp between the end knots
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(2, 2, len(knots))).cumsum(-1)
+    inside = rng.uniform(knots[0], knots[-1], size=x.shape).astype(np.float32)
+    got = np.asarray(intensity_curves(inside, values)).reshape(2, 5, 3, 3, 2)
+    s = inside.reshape(2, 5, 3, 3, 2)
+    for b in range(2):
+        for m in range(2):
+            np.testing.assert_allclose(got[b, ..., m], np.interp(s[b, ..., m], knots, values[b, m]), atol=1e-5)
 
 
 def test_random_contrast_curves_are_monotonic_keep_zero_and_are_shared_by_the_context_slices():
