@@ -155,6 +155,7 @@ def test_tiny_training_checkpoints_resumes_exports_and_segments(cohort, tmp_path
     lines = []
     first = train_slices(cfg, tmp_path / "run", log=lines.append)
     assert "fold 1: resumed at step 3" in lines and "fold 0: resumed at step 3" not in lines
+    assert any(line.startswith("fold 0 step 2 loss") and line.endswith("min to step 3)") for line in lines)
     assert first["steps"] == [3, 3] and len(first["cases"]) == 2
     assert {r["fold"] for r in first["cases"]} == {0, 1}
     more = SliceSegConfig(version="test", model=model, train=SliceTrainConfig(**{**train.__dict__, "steps": 5}))

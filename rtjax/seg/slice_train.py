@@ -450,7 +450,9 @@ def _train_fold(fold: int | str, cases: list[dict], cfg: SliceSegConfig, workdir
             losses.append(float(value))
             if step % t.log_every == 0:
                 rate = t.batch * len(losses) / (time.monotonic() - start)
-                log(f"{name} step {step} loss {np.mean(losses[-t.log_every:]):.4f} ({rate:.1f} slices/s)")
+                left = (total - step) * t.batch / rate / 60
+                log(f"{name} step {step} loss {np.mean(losses[-t.log_every:]):.4f} ({rate:.1f} slices/s, "
+                    f"~{left:.0f} min to step {total})")
             if time.monotonic() - last_ckpt > t.checkpoint_seconds:
                 ckpt.save(step, params, opt_state)
                 last_ckpt = time.monotonic()
