@@ -95,6 +95,10 @@ def test_nested_masks_from_probabilities():
     assert m.enhancing[:, 0, 0].tolist() == [True, False, False, False]
     assert m.edema[:, 0, 0].tolist() == [False, True, False, False]
     assert m.necrosis[:, 0, 0].tolist() == [False, False, False, True]
+    # per-region thresholds (WT, TC, ET): a core at 0.2 counts with a TC threshold of 0.15
+    m = model.probs_to_masks(probs, (0.5, 0.15, 0.95))
+    assert m.enhancing[:, 0, 0].tolist() == [False] * 4
+    assert m.necrosis[:, 0, 0].tolist() == [True, True, False, True]
 
 
 @pytest.mark.slow

@@ -292,6 +292,38 @@ def test_refine_enhancing_moves_the_core_boundary_to_where_the_t1c_says_and_keep
     brain = np.ones(t1c.shape, bool)
     np.testing.assert_array_equal(probs_to_case_masks(probs, brain, 0.0, t1c_z=t1c).enhancing, refined.enhancing)
     np.testing.assert_array_equal(probs_to_case_masks(probs, brain, 0.0).enhancing, masks.enhancing)
+    # an ET threshold t shifts the network's log-odds by -logit(t): the same as refining the
+    # shifted probabilities; lower thresholds only add enhancing voxels
+    logit = lambda q: np.log(q) - np.log1p(-q)
+    for t in (0.3, 0.7):
+        shifted = 1 / (1 + np.exp(-(logit(np.clip(probs[..., 2], 1e-4, 1 - 1e-4)) - logit(t))))
+        np.testing.assert_array_equal(refine_enhancing(masks, probs[..., 2], t1c, threshold=t).enhancing,
+                                      refine_enhancing(masks, shifted, t1c).enhancing)
+    low = refine_enhancing(masks, probs[..., 2], t1c, threshold=0.01).enhancing  # log-odds + 4.6
+    assert low[:, 0, 0].tolist() == [True] * 11 + [False] * 13  # voxel 10 (0.55) now outweighs its T1c
+    # per-region thresholds (WT, TC, ET) at the case level
+    per_region = probs_to_case_masks(probs, brain, 0.0, threshold=(0.5, 0.5, 0.95))
+    assert per_region.enhancing[:, 0, 0].tolist() == [False] * 24
+    np.testing.assert_array_equal(per_region.core, masks.core)
+
+
+def test_nested_estimate_scores_each_fold_with_the_choice_of_the_other_folds():
+    from rtjax.seg.slice_train import Postprocessing, nested_estimate, postprocessing_candidates
+
+    row = lambda d: {"dice_WT": d, "dice_TC": d, "dice_ET": d}
+    a, b = Postprocessing(0.1, 0.0, False), Postprocessing(0.5, 0.0, True, 0.35, 0.4)
+    rows = {a: [row(0.9), row(0.9), row(0.2), row(0.2)], b: [row(0.5)] * 4}
+    assert choose_postprocessing(rows) == a  # 0.55 against 0.5 over all cases
+    # fold 0 gets b (better on fold 1), fold 1 gets a (better on fold 0)
+    assert nested_estimate(rows, [0, 0, 1, 1]) == pytest.approx({"WT": 0.35, "TC": 0.35, "ET": 0.35})
+    assert b.label() == ("keep_fraction=0.5 min_enhancing_ml=0 refine_enhancing=true core_threshold=0.35 "
+                         "enhancing_threshold=0.4")
+    t = SliceTrainConfig(keep_fractions=(0.1, 0.5), core_thresholds=(0.5, 0.35), enhancing_thresholds=(0.4,))
+    assert len(postprocessing_candidates(t)) == 4 and Postprocessing(0.5, 0.0, False, 0.35, 0.4) in \
+        postprocessing_candidates(t)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        SliceModelConfig(core_threshold=1.0)
+    assert SliceModelConfig(core_threshold=0.3).thresholds == (0.5, 0.3, 0.5)
 
 
 def test_warp_slices_rotates_a_quarter_turn_exactly_and_scales_about_the_centre():

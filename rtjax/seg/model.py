@@ -229,17 +229,19 @@ def normalise(t1c, flair, brain_mask=None) -> np.ndarray:
 # --------------------------------------------------------------------------- outputs
 
 
-def nest_regions(probs, threshold: float = 0.5):
-    """Boolean (…, 3) WT/TC/ET from region probabilities with ET in TC in WT enforced."""
-    wt = probs[..., 0] >= threshold
-    tc = wt & (probs[..., 1] >= threshold)
-    et = tc & (probs[..., 2] >= threshold)
+def nest_regions(probs, threshold=0.5):
+    """Boolean (…, 3) WT/TC/ET from region probabilities with ET in TC in WT enforced;
+    `threshold`: one for all regions or (WT, TC, ET)."""
+    t_wt, t_tc, t_et = np.broadcast_to(np.asarray(threshold, np.float32), (3,))
+    wt = probs[..., 0] >= t_wt
+    tc = wt & (probs[..., 1] >= t_tc)
+    et = tc & (probs[..., 2] >= t_et)
     return np.stack([np.asarray(wt), np.asarray(tc), np.asarray(et)], axis=-1)
 
 
-def probs_to_masks(probs, threshold: float = 0.5) -> TumourMasks:
+def probs_to_masks(probs, threshold=0.5) -> TumourMasks:
     """Disjoint tumour masks from region probabilities (X, Y, Z, 3): enhancing = ET,
-    necrosis = TC and not ET, edema = WT and not TC."""
+    necrosis = TC and not ET, edema = WT and not TC (`threshold`: as `nest_regions`)."""
     regions = nest_regions(np.asarray(probs), threshold)
     wt, tc, et = regions[..., 0], regions[..., 1], regions[..., 2]
     return TumourMasks(necrosis=tc & ~et, enhancing=et, edema=wt & ~tc)
@@ -272,13 +274,14 @@ def _gaussian_log_likelihood(values: np.ndarray, sample: np.ndarray) -> np.ndarr
 
 
 def refine_enhancing(masks: TumourMasks, enhancing_prob: np.ndarray, t1c_z: np.ndarray,
-                     min_voxels: int = 50) -> TumourMasks:
+                     min_voxels: int = 50, threshold: float = 0.5) -> TumourMasks:
     """The enhancing / necrosis boundary inside the core at the resolution of `t1c_z` (the
     brain-z-scored T1c on the masks' grid; the network works at 2 mm): a core voxel is
-    enhancing when the network's log-odds of ET (`enhancing_prob`) plus the log-likelihood
-    ratio of its T1c under two normals fitted to this case's own predicted enhancing and
-    necrotic voxels is positive. The core and the edema are unchanged; cases with fewer
-    than `min_voxels` voxels in either class are left as they are."""
+    enhancing when the network's log-odds of ET (`enhancing_prob`) minus those of
+    `threshold` (the ET threshold: 0.5 adds nothing) plus the log-likelihood ratio of its
+    T1c under two normals fitted to this case's own predicted enhancing and necrotic voxels
+    is positive. The core and the edema are unchanged; cases with fewer than `min_voxels`
+    voxels in either class are left as they are."""
     core, enhancing = masks.core, masks.enhancing
     necrosis = core & ~enhancing
     if enhancing.sum() < min_voxels or necrosis.sum() < min_voxels:
@@ -287,7 +290,7 @@ def refine_enhancing(masks: TumourMasks, enhancing_prob: np.ndarray, t1c_z: np.n
     p = np.clip(np.asarray(enhancing_prob, np.float32)[core], 1e-4, 1 - 1e-4)
     ratio = _gaussian_log_likelihood(t, t1c_z[enhancing]) - _gaussian_log_likelihood(t, t1c_z[necrosis])
     refined = np.zeros_like(core)
-    refined[core] = np.log(p) - np.log1p(-p) + ratio > 0
+    refined[core] = np.log(p) - np.log1p(-p) - (np.log(threshold) - np.log1p(-threshold)) + ratio > 0
     return TumourMasks(necrosis=core & ~refined, enhancing=refined, edema=masks.edema)
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +49,8 @@ __all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of",
            "sample_batch",
            "paste_tumour",
            "blur_slices", "intensity_curves", "CURVE_KNOTS",
-           "make_train_step", "train_slices", "pack_finished_models", "unpack_finished_models", "cv_table"]
+           "make_train_step", "train_slices", "Postprocessing", "postprocessing_candidates",
+           "nested_estimate", "pack_finished_models", "unpack_finished_models", "cv_table"]
 
 
 @dataclass(frozen=True)
@@ -94,10 +97,12 @@ class SliceTrainConfig:
             the ensemble (`weights/`: one member per view), the fold models beside them
             (`fold_weights/`), the cross-validation as their estimate; 0: export the fold
             models as the ensemble.
-        keep_fractions, min_enhancing_ml, refine_enhancing: post-processing candidates
-            (`SliceModelConfig`); the combination with the best mean held-out Dice goes into
-            the exported weights (chosen on the same held-out cases it is scored on: a small
-            optimism, stated in cv.json).
+        keep_fractions, min_enhancing_ml, refine_enhancing, core_thresholds,
+            enhancing_thresholds: post-processing candidates (`SliceModelConfig`); the
+            combination with the best mean held-out Dice goes into the exported weights
+            (chosen on the same held-out cases it is scored on: a small optimism; cv.json
+            also gives the nested estimate, each fold scored with the combination chosen on
+            the other folds).
     """
 
     data_root: str | None = None
@@ -123,6 +128,8 @@ class SliceTrainConfig:
     keep_fractions: tuple[float, ...] = (0.2,)
     min_enhancing_ml: tuple[float, ...] = (0.0,)
     refine_enhancing: tuple[bool, ...] = (False,)
+    core_thresholds: tuple[float, ...] = (0.5,)
+    enhancing_thresholds: tuple[float, ...] = (0.5,)
 
 
 @dataclass(frozen=True)
@@ -560,10 +567,31 @@ def _held_out_probabilities(weights: SliceWeights, case, path: Path):
     return probs, brain, masks_to_regions(masks) > 0.5, t1c.spacing, robust_normalise(t1c.data, brain)
 
 
-def _postprocessed_regions(probs, brain, spacing, t1c_z, keep_fraction: float, min_enhancing_ml: float,
-                           refine: bool):
-    masks = probs_to_case_masks(probs, brain, keep_fraction, enhancing_voxels(min_enhancing_ml, spacing),
-                                t1c_z=t1c_z if refine else None)
+class Postprocessing(NamedTuple):
+    """One post-processing candidate (the `SliceModelConfig` fields of the same names)."""
+
+    keep_fraction: float
+    min_enhancing_ml: float
+    refine_enhancing: bool
+    core_threshold: float = 0.5
+    enhancing_threshold: float = 0.5
+
+    def label(self) -> str:
+        return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else f'{v:g}'}"
+                        for k, v in self._asdict().items())
+
+
+def postprocessing_candidates(t: SliceTrainConfig) -> list[Postprocessing]:
+    """Every combination of the config's post-processing candidates."""
+    return [Postprocessing(float(k), float(e), bool(r), float(c), float(h))
+            for k, e, r, c, h in itertools.product(t.keep_fractions, t.min_enhancing_ml, t.refine_enhancing,
+                                                   t.core_thresholds, t.enhancing_thresholds)]
+
+
+def _postprocessed_regions(probs, brain, spacing, t1c_z, pp: Postprocessing):
+    masks = probs_to_case_masks(probs, brain, pp.keep_fraction, enhancing_voxels(pp.min_enhancing_ml, spacing),
+                                threshold=(0.5, pp.core_threshold, pp.enhancing_threshold),
+                                t1c_z=t1c_z if pp.refine_enhancing else None)
     return masks_to_regions(masks) > 0.5
 
 
@@ -578,12 +606,23 @@ def _score(got, ref, spacing, with_hd95: bool = True) -> dict:
 
 
 def choose_postprocessing(dice_rows: dict[tuple, list[dict]]) -> tuple:
-    """The post-processing candidate (keep_fraction, min_enhancing_ml, refine_enhancing)
-    whose held-out cases have the highest mean Dice over WT, TC and ET; ties go to the first
-    candidate."""
+    """The post-processing candidate (a `Postprocessing` or any key) whose held-out cases
+    have the highest mean Dice over WT, TC and ET; ties go to the first candidate."""
     def mean_dice(rows):
         return float(np.mean([[r[f"dice_{region}"] for region in REGIONS] for r in rows]))
     return max(dice_rows, key=lambda k: mean_dice(dice_rows[k]))
+
+
+def nested_estimate(dice_rows: dict[tuple, list[dict]], folds: list[int]) -> dict[str, float]:
+    """Mean held-out Dice per region when each fold's cases are scored with the candidate
+    `choose_postprocessing` picks on the other folds' cases (`folds[i]`: the fold of the
+    i-th row of every candidate): the choice's optimism removed."""
+    scores = []
+    for fold in sorted(set(folds)):
+        others = {c: [r for r, f in zip(rows, folds) if f != fold] for c, rows in dice_rows.items()}
+        chosen = choose_postprocessing(others)
+        scores += [r for r, f in zip(dice_rows[chosen], folds) if f == fold]
+    return {region: float(np.mean([r[f"dice_{region}"] for r in scores])) for region in REGIONS}
 
 
 def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, ensemble_def, workdir: Path, log):
@@ -593,8 +632,7 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
     post-processing, {candidate: mean Dice per region}, the choice). `fold_params`, `steps`:
     per (view, fold)."""
     t = cfg.train
-    candidates = [(float(k), float(e), bool(r)) for k in t.keep_fractions for e in t.min_enhancing_ml
-                  for r in t.refine_enhancing]
+    candidates = postprocessing_candidates(t)
     tta = "_tta" if cfg.model.tta else ""
     one_member = {(view, fold): SliceWeights(ensemble_def, _stack([params]),
                                              dataclasses.replace(cfg.model, views=(view,), members=1), cfg.version)
@@ -611,24 +649,26 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
             log(f"held-out probabilities: {case.name} (fold {fold})")
     dice_rows = {c: [] for c in candidates}
     for case, fold, (probs, brain, ref, spacing, t1c_z) in cases:
-        for keep in t.keep_fractions:
-            kept = probs_to_case_masks(probs, brain, float(keep))
+        for keep, core, enhancing in itertools.product(t.keep_fractions, t.core_thresholds, t.enhancing_thresholds):
+            kept = probs_to_case_masks(probs, brain, float(keep), threshold=(0.5, core, enhancing))
             for refine in t.refine_enhancing:
-                refined = refine_enhancing(kept, probs[..., 2], t1c_z) if refine else kept
+                refined = refine_enhancing(kept, probs[..., 2], t1c_z, threshold=enhancing) if refine else kept
                 for et_ml in t.min_enhancing_ml:
                     masks = small_enhancing_to_necrosis(refined, enhancing_voxels(et_ml, spacing))
-                    dice_rows[(float(keep), float(et_ml), bool(refine))].append(
+                    dice_rows[Postprocessing(float(keep), float(et_ml), bool(refine), float(core),
+                                             float(enhancing))].append(
                         _score(masks_to_regions(masks) > 0.5, ref, spacing, False))
     choice = choose_postprocessing(dice_rows)
+    nested = nested_estimate(dice_rows, [fold for _, fold, _ in cases])
     rows = []
     for case, fold, (probs, brain, ref, spacing, t1c_z) in cases:
-        got = _postprocessed_regions(probs, brain, spacing, t1c_z, *choice)
+        got = _postprocessed_regions(probs, brain, spacing, t1c_z, choice)
         rows.append({"case": case.name, **_score(got, ref, spacing), "fold": fold})
         log(json.dumps(rows[-1]))
-    tuning = {f"keep_fraction={k:g} min_enhancing_ml={e:g} refine_enhancing={str(r).lower()}":
-              {region: float(np.mean([row[f"dice_{region}"] for row in dice_rows[(k, e, r)]])) for region in REGIONS}
-              for k, e, r in candidates}
-    return rows, tuning, choice
+    tuning = {c.label(): {region: float(np.mean([row[f"dice_{region}"] for row in dice_rows[c]]))
+                          for region in REGIONS}
+              for c in candidates}
+    return rows, tuning, choice, nested
 
 
 def _stack(params_list):
@@ -689,17 +729,14 @@ def train_slices(cfg: SliceSegConfig, workdir, log=print, folds: list[int] | Non
             "cross-validate and export")
         return {"trained_folds": chosen, "trained_views": chosen_views, "steps": list(steps.values())}
     ensemble_def = nnx.split(nnx.eval_shape(lambda: make_ensemble(cfg.model, t.folds)))[0]
-    rows, tuning, (keep, et_ml, refine) = _cross_validate(cfg, found, fold_params, steps, ensemble_def, workdir, log)
-    log(f"post-processing chosen on the held-out cases: keep_fraction {keep:g}, min_enhancing_ml {et_ml:g}, "
-        f"refine_enhancing {refine}")
+    rows, tuning, choice, nested = _cross_validate(cfg, found, fold_params, steps, ensemble_def, workdir, log)
+    log(f"post-processing chosen on the held-out cases: {choice.label()}")
     summary = {"folds": t.folds, "views": list(cfg.model.views), "steps": list(steps.values()), "cases": rows,
                "mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("case", "fold")},
-               "postprocessing": {"keep_fraction": keep, "min_enhancing_ml": et_ml, "refine_enhancing": refine,
-                                  "mean_dice": tuning}}
+               "postprocessing": {**choice._asdict(), "mean_dice": tuning, "nested_mean_dice": nested}}
     write_json_atomic(workdir / "cv.json", summary)
     config = to_dict(cfg)
-    config["model"].update(members=len(fold_params), keep_fraction=keep, min_enhancing_ml=et_ml,
-                           refine_enhancing=refine)
+    config["model"].update(members=len(fold_params), **choice._asdict())
     card = model_card(cfg, summary, [c.name for c in found])
     fold_ensemble = nnx.merge(ensemble_def, _stack(list(fold_params.values())))
     if not t.final_steps:
@@ -763,12 +800,21 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
         shipped = f"The members are the fold models{' of every view' if len(m.views) > 1 else ''}."
     refine_choices = (f" x refine_enhancing {[bool(r) for r in t.refine_enhancing]}"
                       if len(t.refine_enhancing) > 1 else "")
+    refine_choices += "".join(f" x {name} {list(values)}" for name, values in (
+        ("core_threshold", t.core_thresholds), ("enhancing_threshold", t.enhancing_thresholds)) if len(values) > 1)
+    threshold_rule = (f"; tumour core thresholded at {pp.get('core_threshold', 0.5):g} and enhancing tumour at "
+                      f"{pp.get('enhancing_threshold', 0.5):g}"
+                      if (pp.get("core_threshold", 0.5), pp.get("enhancing_threshold", 0.5)) != (0.5, 0.5) else "")
+    nested = pp.get("nested_mean_dice")
+    nested_text = (f" Scored with the post-processing chosen on the other folds instead (nested), the mean Dice is WT "
+                   f"{nested['WT']:.3f}, TC {nested['TC']:.3f}, ET {nested['ET']:.3f}." if nested else "")
     refine_rule = (", the enhancing boundary refined on the case's own T1c (`rtjax.seg.model.refine_enhancing`)"
                    if pp.get("refine_enhancing") else "")
     et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
                if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
                "(the size rule did not raise the held-out Dice)")
-    chosen_among = sum(len(c) > 1 for c in (t.keep_fractions, t.min_enhancing_ml, t.refine_enhancing))
+    chosen_among = sum(len(c) > 1 for c in (t.keep_fractions, t.min_enhancing_ml, t.refine_enhancing,
+                                            t.core_thresholds, t.enhancing_thresholds))
     steps = summary["steps"]
     steps_text = (f"{steps[0]} steps per fold model" if len(set(steps)) == 1
                   else f"{'/'.join(str(s) for s in steps)} steps")
@@ -783,9 +829,9 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
 widths {list(m.unet.widths)}, {m.unet.norm} norm) on {views} slices at {m.spacing:g} mm with
 {m.context} neighbouring slices on each side as channels (T1c + FLAIR, {m.unet.in_channels}
 channels), predicting the nested regions WT, TC, ET (sigmoids); members averaged and
-thresholded at 0.5. Post-processing, chosen by held-out Dice among
+thresholded at 0.5{' (the whole tumour; the other thresholds below)' if threshold_rule else ''}. Post-processing, chosen by held-out Dice among
 keep_fraction {list(t.keep_fractions)} x min_enhancing_ml {list(t.min_enhancing_ml)}{refine_choices}:
-whole-tumour components below {pp['keep_fraction']:g} of the largest dropped{refine_rule}, {et_rule}.
+whole-tumour components below {pp['keep_fraction']:g} of the largest dropped{refine_rule}, {et_rule}{threshold_rule}.
 Config: `config.yaml` (`architecture: slices`).
 
 **Training.** `rtjax train-seg configs/seg_slices.yaml --workdir runs/seg_slices` on a 2-core
@@ -798,7 +844,7 @@ bias field, intensity scale/shift, gamma, noise{looks}{targets}. {shipped}
 **Cross-validation** (each case scored by the fold model{"s" if len(m.views) > 1 else ""} that never saw it, on its original
 grid; Dice, HD95 in mm; TCGA-FG-6692 against the algorithm fusion): mean Dice WT
 {mean['dice_WT']:.3f}, TC {mean['dice_TC']:.3f}, ET {mean['dice_ET']:.3f}. The post-processing was
-chosen on these same held-out cases ({chosen_among} parameters), a small optimism.
+chosen on these same held-out cases ({chosen_among} parameters), a small optimism.{nested_text}
 
 {cv_table(summary)}
 

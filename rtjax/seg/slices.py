@@ -69,6 +69,9 @@ class SliceModelConfig:
             in all, mL, becomes necrosis (0: never).
         refine_enhancing: post-processing: the enhancing / necrosis boundary refined on the
             case's own T1c at its own resolution (`rtjax.seg.model.refine_enhancing`).
+        core_threshold, enhancing_threshold: probability thresholds of the tumour core (TC)
+            and the enhancing tumour (ET; with `refine_enhancing`, its log-odds offset); the
+            whole tumour's is 0.5.
         batch: slices per network call at inference.
         tta: average over the in-plane `TTA_FLIPS` at inference by default (4 passes).
     """
@@ -81,6 +84,8 @@ class SliceModelConfig:
     keep_fraction: float = 0.2
     min_enhancing_ml: float = 0.0
     refine_enhancing: bool = False
+    core_threshold: float = 0.5
+    enhancing_threshold: float = 0.5
     batch: int = 32
     tta: bool = False
 
@@ -92,6 +97,14 @@ class SliceModelConfig:
             raise ValueError(f"views: distinct names among {list(VIEWS)}, got {list(self.views)}")
         if self.members % len(self.views):
             raise ValueError(f"members ({self.members}) must be a multiple of the {len(self.views)} views")
+        if not (0 < self.core_threshold < 1 and 0 < self.enhancing_threshold < 1):
+            raise ValueError(f"core_threshold ({self.core_threshold}) and enhancing_threshold "
+                             f"({self.enhancing_threshold}) must lie strictly between 0 and 1")
+
+    @property
+    def thresholds(self) -> tuple[float, float, float]:
+        """Probability thresholds of WT, TC and ET."""
+        return (0.5, self.core_threshold, self.enhancing_threshold)
 
     @property
     def folds(self) -> int:
