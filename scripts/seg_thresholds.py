@@ -1,5 +1,6 @@
-"""Held-out Dice at other probability thresholds, and where the missed tumour sits, from a
-2.5-D training workdir's cross-validation cache (rtjax.experiments.seg_probes).
+"""Held-out Dice at other probability thresholds, where the missed tumour sits, and how bright
+each reference enhancing tumour is on the T1c, from a 2.5-D training workdir's
+cross-validation cache (rtjax.experiments.seg_probes).
 
     python scripts/seg_thresholds.py runs/seg_slices [--data ../shared/data]
 """
@@ -8,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from rtjax.data import data_root
-from rtjax.experiments.seg_probes import held_out_cases, missed_rows, threshold_rows
+from rtjax.experiments.seg_probes import contrast_rows, held_out_cases, missed_rows, threshold_rows
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -25,3 +26,6 @@ if __name__ == "__main__":
     for r in missed_rows(cases):
         print(f"| {r['case']} | {r['reference_ml']:.1f} | {r['network_ml']:.1f} | {r['missed_ml']:.1f} | "
               f"{r['missed_below_0.3']:.2f} | {r['missed_below_0.1']:.2f} |")
+    print("\n| case | T1c z in reference ET | T1c z in healthy brain |\n|---|---|---|")
+    for r in contrast_rows(args.workdir, args.data or data_root()):
+        print(f"| {r['case']} | {r['enhancing_z']:.2f} | {r['healthy_z']:.2f} |")

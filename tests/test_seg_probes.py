@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from rtjax.experiments.seg_probes import grid_round_trip, missed_rows, subset_dice, threshold_rows
+from rtjax.experiments.seg_probes import (grid_round_trip, missed_rows, reference_contrast, subset_dice,
+                                         threshold_rows)
+from rtjax.labels import TumourMasks
 from rtjax.metrics import dice
 
 
@@ -56,3 +58,14 @@ def test_grid_round_trip_of_a_slab_is_exact_with_soft_targets_and_one_voxel_off_
     expected[4:16] = True
     np.testing.assert_array_equal(got["hard"], expected)
     assert dice(got["hard"], ref) == pytest.approx(2 * 11 / 23)
+
+
+def test_reference_contrast_compares_the_reference_et_with_the_healthy_brain():
+    z = np.arange(10, dtype=np.float32).reshape(10, 1, 1)
+    brain = np.ones((10, 1, 1), bool)
+    brain[9] = False
+    region = lambda *i: np.isin(np.arange(10), i).reshape(10, 1, 1)
+    masks = TumourMasks(necrosis=region(0), enhancing=region(1, 2), edema=region(3))
+    assert reference_contrast(z, brain, masks) == {"enhancing_z": 1.5, "healthy_z": 6.0}  # 4 .. 8
+    empty = TumourMasks(necrosis=region(), enhancing=region(), edema=region())
+    assert np.isnan(reference_contrast(z, brain, empty)["enhancing_z"])

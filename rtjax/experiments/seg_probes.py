@@ -9,6 +9,9 @@ memory at a time.
 `grid_round_trip(regions, spacing, work_spacing)` and `resolution_ceiling_rows(root)`: the
 Dice a perfect network on the working grid would reach on the case's own grid, with targets
 thresholded at half a working voxel (hard) or the share of each working voxel (soft).
+`contrast_rows(workdir, root)`: the T1c brain z-score of each case's reference enhancing
+tumour against its healthy brain (`reference_contrast`): where the reference ET is no
+brighter than healthy brain, no model reading the T1c finds it.
 `bias_rows(demo_dir)`: the shipped network's Dice on the demo patient rendered with bias
 fields of other strengths (`rtjax.seg.synth.RenderConfig.bias`), from a `rtjax demo` folder.
 """
@@ -23,7 +26,7 @@ import numpy as np
 from rtjax.experiments.demo import DEMO_PATIENT, DEMO_RENDER
 from rtjax.io import load_image, load_tumour_masks
 from rtjax.metrics import dice
-from rtjax.seg.cases import find_labelled_cases
+from rtjax.seg.cases import find_labelled_cases, robust_normalise
 from rtjax.seg.grid import resample_to_shape, working_shape
 from rtjax.seg.infer import probs_to_case_masks, segment_arrays
 from rtjax.seg.model import REGIONS, masks_to_regions
@@ -31,8 +34,31 @@ from rtjax.seg.slice_train import cv_probs_name
 from rtjax.seg.synth import render_case
 from rtjax.simulate import load_tissue
 
-__all__ = ["bias_rows", "grid_round_trip", "held_out_cases", "missed_rows", "resolution_ceiling_rows", "subset_dice",
+__all__ = ["bias_rows", "contrast_rows", "reference_contrast", "grid_round_trip", "held_out_cases", "missed_rows", "resolution_ceiling_rows", "subset_dice",
            "threshold_rows", "view_rows"]
+
+
+def reference_contrast(t1c_z: np.ndarray, brain: np.ndarray, masks) -> dict[str, float]:
+    """Mean of the brain-z-scored T1c `t1c_z` in the reference enhancing tumour and in the
+    healthy brain (`brain` outside the reference whole tumour) of reference `TumourMasks`
+    (NaN for an empty region)."""
+    mean = lambda where: float(t1c_z[where].mean()) if where.any() else float("nan")
+    return {"enhancing_z": mean(masks.enhancing), "healthy_z": mean(brain & ~masks.whole)}
+
+
+def contrast_rows(workdir, root) -> list[dict]:
+    """`reference_contrast` of every labelled case under `root` with cached held-out
+    probabilities in `workdir`, in the brain that cache stored (as `rtjax train-seg` scored it)."""
+    rows = []
+    for i, case in enumerate(find_labelled_cases(root)):
+        cached = _cached_probs(workdir, i)
+        if cached is None:
+            continue
+        brain = cached[1]
+        masks, _ = load_tumour_masks(case.labels, case.convention)
+        rows.append({"case": case.name,
+                     **reference_contrast(robust_normalise(load_image(case.t1c).data, brain), brain, masks)})
+    return rows
 
 
 def held_out_cases(workdir, root):

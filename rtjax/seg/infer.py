@@ -45,6 +45,7 @@ from rtjax.seg.model import (
     normalise,
     probs_to_masks,
     refine_enhancing,
+    region_thresholds,
     small_enhancing_to_necrosis,
 )
 
@@ -279,9 +280,8 @@ def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: flo
 
     masks = probs_to_masks(probs * brain[..., None], threshold)
     masks = keep_main_components(masks, keep_fraction) if keep_fraction > 0 else masks
-    et_threshold = float(np.broadcast_to(np.asarray(threshold, np.float32), (3,))[2])
-    masks = (refine_enhancing(masks, probs[..., 2], t1c_z, threshold=et_threshold) if t1c_z is not None
-             else masks)
+    masks = (refine_enhancing(masks, probs[..., 2], t1c_z, threshold=region_thresholds(threshold)[2])
+             if t1c_z is not None else masks)
     return small_enhancing_to_necrosis(masks, min_enhancing_voxels)
 
 

@@ -43,6 +43,9 @@ __all__ = [
     "nest_regions",
     "probs_to_masks",
     "keep_main_components",
+    "main_components",
+    "restrict_masks",
+    "region_thresholds",
     "small_enhancing_to_necrosis",
     "refine_enhancing",
     "masks_to_regions",
@@ -229,10 +232,16 @@ def normalise(t1c, flair, brain_mask=None) -> np.ndarray:
 # --------------------------------------------------------------------------- outputs
 
 
+def region_thresholds(threshold) -> tuple[float, float, float]:
+    """(WT, TC, ET) probability thresholds from one for all regions or a (WT, TC, ET) triple."""
+    t_wt, t_tc, t_et = np.broadcast_to(np.asarray(threshold, np.float64), (3,)).tolist()
+    return t_wt, t_tc, t_et
+
+
 def nest_regions(probs, threshold=0.5):
     """Boolean (…, 3) WT/TC/ET from region probabilities with ET in TC in WT enforced;
     `threshold`: one for all regions or (WT, TC, ET)."""
-    t_wt, t_tc, t_et = np.broadcast_to(np.asarray(threshold, np.float32), (3,))
+    t_wt, t_tc, t_et = region_thresholds(threshold)
     wt = probs[..., 0] >= t_wt
     tc = wt & (probs[..., 1] >= t_tc)
     et = tc & (probs[..., 2] >= t_et)
@@ -257,14 +266,27 @@ def keep_main_components(masks: TumourMasks, min_fraction: float = 0.2) -> Tumou
     WT (26-connectivity) and every other one of at least `min_fraction` of its size;
     necrosis/enhancing/edema outside them become background."""
 
-    whole = masks.whole
+    return restrict_masks(masks, main_components(masks.whole, min_fraction))
+
+
+def main_components(whole: np.ndarray, min_fraction: float) -> np.ndarray:
+    """The boolean whole-tumour mask `whole` without its small stray parts: the largest
+    26-connected component and every other one of at least `min_fraction` of its size."""
     if not whole.any():
-        return masks
-    labels, n = ndimage.label(whole, structure=np.ones((3, 3, 3), bool))
+        return whole
+    labels, _ = ndimage.label(whole, structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(labels.ravel())[1:]
-    keep_ids = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
-    keep = np.isin(labels, keep_ids)
-    return TumourMasks(necrosis=masks.necrosis & keep, enhancing=masks.enhancing & keep, edema=masks.edema & keep)
+    return np.isin(labels, np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1)
+
+
+def restrict_masks(masks: TumourMasks, inside: np.ndarray) -> TumourMasks:
+    """`masks` with every class emptied outside the boolean `inside`."""
+    return TumourMasks(necrosis=masks.necrosis & inside, enhancing=masks.enhancing & inside,
+                       edema=masks.edema & inside)
+
+
+def _logit(p):
+    return np.log(p) - np.log1p(-p)
 
 
 def _gaussian_log_likelihood(values: np.ndarray, sample: np.ndarray) -> np.ndarray:
@@ -290,7 +312,7 @@ def refine_enhancing(masks: TumourMasks, enhancing_prob: np.ndarray, t1c_z: np.n
     p = np.clip(np.asarray(enhancing_prob, np.float32)[core], 1e-4, 1 - 1e-4)
     ratio = _gaussian_log_likelihood(t, t1c_z[enhancing]) - _gaussian_log_likelihood(t, t1c_z[necrosis])
     refined = np.zeros_like(core)
-    refined[core] = np.log(p) - np.log1p(-p) - (np.log(threshold) - np.log1p(-threshold)) + ratio > 0
+    refined[core] = _logit(p) - _logit(threshold) + ratio > 0
     return TumourMasks(necrosis=core & ~refined, enhancing=refined, edema=masks.edema)
 
 

@@ -40,7 +40,8 @@ from rtjax.provenance import write_json_atomic
 from rtjax.seg.data import resolve_data_root
 from rtjax.seg.cases import cached_case, find_labelled_cases, robust_normalise
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks
-from rtjax.seg.model import REGIONS, UNet, masks_to_regions, refine_enhancing, small_enhancing_to_necrosis
+from rtjax.seg.model import (REGIONS, UNet, main_components, masks_to_regions, refine_enhancing, restrict_masks,
+                             small_enhancing_to_necrosis)
 from rtjax.seg.slices import (ARCHITECTURE, MODALITIES, VIEWS, SliceModelConfig, SliceWeights, context_slices,
                               make_ensemble, to_view)
 from rtjax.seg.synth import blur_axis
@@ -649,8 +650,14 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
             log(f"held-out probabilities: {case.name} (fold {fold})")
     dice_rows = {c: [] for c in candidates}
     for case, fold, (probs, brain, ref, spacing, t1c_z) in cases:
-        for keep, core, enhancing in itertools.product(t.keep_fractions, t.core_thresholds, t.enhancing_thresholds):
-            kept = probs_to_case_masks(probs, brain, float(keep), threshold=(0.5, core, enhancing))
+        # the whole tumour (threshold 0.5) is the same under every TC/ET threshold: its main
+        # components are found once per keep_fraction, not once per candidate
+        whole = probs_to_case_masks(probs, brain, 0.0).whole
+        main = {keep: main_components(whole, keep) if keep > 0 else whole for keep in t.keep_fractions}
+        nested = {(core, enhancing): probs_to_case_masks(probs, brain, 0.0, threshold=(0.5, core, enhancing))
+                  for core, enhancing in itertools.product(t.core_thresholds, t.enhancing_thresholds)}
+        for (core, enhancing), keep in itertools.product(nested, t.keep_fractions):
+            kept = restrict_masks(nested[core, enhancing], main[keep])
             for refine in t.refine_enhancing:
                 refined = refine_enhancing(kept, probs[..., 2], t1c_z, threshold=enhancing) if refine else kept
                 for et_ml in t.min_enhancing_ml:
@@ -798,9 +805,9 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
                    "run's `fold_weights/`.")
     else:
         shipped = f"The members are the fold models{' of every view' if len(m.views) > 1 else ''}."
-    refine_choices = (f" x refine_enhancing {[bool(r) for r in t.refine_enhancing]}"
+    more_choices = (f" x refine_enhancing {[bool(r) for r in t.refine_enhancing]}"
                       if len(t.refine_enhancing) > 1 else "")
-    refine_choices += "".join(f" x {name} {list(values)}" for name, values in (
+    more_choices += "".join(f" x {name} {list(values)}" for name, values in (
         ("core_threshold", t.core_thresholds), ("enhancing_threshold", t.enhancing_thresholds)) if len(values) > 1)
     threshold_rule = (f"; tumour core thresholded at {pp.get('core_threshold', 0.5):g} and enhancing tumour at "
                       f"{pp.get('enhancing_threshold', 0.5):g}"
@@ -830,7 +837,7 @@ widths {list(m.unet.widths)}, {m.unet.norm} norm) on {views} slices at {m.spacin
 {m.context} neighbouring slices on each side as channels (T1c + FLAIR, {m.unet.in_channels}
 channels), predicting the nested regions WT, TC, ET (sigmoids); members averaged and
 thresholded at 0.5{' (the whole tumour; the other thresholds below)' if threshold_rule else ''}. Post-processing, chosen by held-out Dice among
-keep_fraction {list(t.keep_fractions)} x min_enhancing_ml {list(t.min_enhancing_ml)}{refine_choices}:
+keep_fraction {list(t.keep_fractions)} x min_enhancing_ml {list(t.min_enhancing_ml)}{more_choices}:
 whole-tumour components below {pp['keep_fraction']:g} of the largest dropped{refine_rule}, {et_rule}{threshold_rule}.
 Config: `config.yaml` (`architecture: slices`).
 
