@@ -307,6 +307,36 @@ def test_refine_enhancing_moves_the_core_boundary_to_where_the_t1c_says_and_keep
     np.testing.assert_array_equal(per_region.core, masks.core)
 
 
+def test_refine_enhancing_against_edema_keeps_edema_like_core_voxels_out_of_the_enhancing_tumour():
+    """Core voxels 0-9 bright on T1c (z about 2), 10-13 edema-like (0.3) with a weak ET
+    probability 0.55, 14-23 a dark necrotic core (-2); edema 24-33 at about 0.3. Against the
+    dark necrosis alone the edema-like voxels look enhancing and stay so; weighed against the
+    case's edema too they become necrosis. Too little edema: the necrosis alone, as before."""
+    from rtjax.seg.model import probs_to_masks, refine_enhancing
+
+    probs = np.zeros((34, 10, 1, 3), np.float32)  # ten copies along y
+    probs[:24, ..., :2] = 1.0
+    probs[24:, ..., 0] = 1.0  # edema
+    probs[:10, ..., 2], probs[10:14, ..., 2], probs[14:24, ..., 2] = 0.9, 0.55, 0.1
+    t1c = np.zeros((34, 10, 1), np.float32)
+    t1c[:10], t1c[10:14], t1c[14:24], t1c[24:] = 2.0, 0.3, -2.0, 0.3
+    t1c[::2] += 0.15  # spread within each class
+    masks = probs_to_masks(probs)
+    called = [True] * 14 + [False] * 20
+    assert refine_enhancing(masks, probs[..., 2], t1c).enhancing[:, 0, 0].tolist() == called
+    refined = refine_enhancing(masks, probs[..., 2], t1c, against_edema=True)
+    assert refined.enhancing[:, 0, 0].tolist() == [True] * 10 + [False] * 24
+    np.testing.assert_array_equal(refined.core, masks.core)
+    np.testing.assert_array_equal(refined.edema, masks.edema)
+    assert refine_enhancing(masks, probs[..., 2], t1c, min_voxels=101, against_edema=True) is masks
+    few_edema = probs_to_masks(np.where(np.arange(34)[:, None, None, None] < 29, probs, 0.0))  # 50 edema voxels
+    assert refine_enhancing(few_edema, probs[..., 2], t1c, min_voxels=51, against_edema=True
+                            ).enhancing[:, 0, 0].tolist() == called
+    brain = np.ones(t1c.shape, bool)
+    np.testing.assert_array_equal(
+        probs_to_case_masks(probs, brain, 0.0, t1c_z=t1c, refine_against_edema=True).enhancing, refined.enhancing)
+
+
 def test_nested_estimate_scores_each_fold_with_the_choice_of_the_other_folds():
     from rtjax.seg.slice_train import Postprocessing, nested_estimate, postprocessing_candidates
 
@@ -317,10 +347,16 @@ def test_nested_estimate_scores_each_fold_with_the_choice_of_the_other_folds():
     # fold 0 gets b (better on fold 1), fold 1 gets a (better on fold 0)
     assert nested_estimate(rows, [0, 0, 1, 1]) == pytest.approx({"WT": 0.35, "TC": 0.35, "ET": 0.35})
     assert b.label() == ("keep_fraction=0.5 min_enhancing_ml=0 refine_enhancing=true core_threshold=0.35 "
-                         "enhancing_threshold=0.4")
+                         "enhancing_threshold=0.4 refine_against_edema=false")
     t = SliceTrainConfig(keep_fractions=(0.1, 0.5), core_thresholds=(0.5, 0.35), enhancing_thresholds=(0.4,))
     assert len(postprocessing_candidates(t)) == 4 and Postprocessing(0.5, 0.0, False, 0.35, 0.4) in \
         postprocessing_candidates(t)
+    # against_edema only with refine: (no refine) + (refine) x (against or not) per keep
+    t = SliceTrainConfig(keep_fractions=(0.1, 0.5), refine_enhancing=(False, True), refine_against_edema=(False, True))
+    candidates = postprocessing_candidates(t)
+    assert len(candidates) == 6 and len(set(candidates)) == 6
+    assert Postprocessing(0.1, 0.0, True, 0.5, 0.5, True) in candidates
+    assert not any(c.refine_against_edema and not c.refine_enhancing for c in candidates)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         SliceModelConfig(core_threshold=1.0)
     assert SliceModelConfig(core_threshold=0.3).thresholds == (0.5, 0.3, 0.5)

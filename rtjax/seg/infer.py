@@ -270,17 +270,20 @@ def predict_regions(
 
 
 def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: float,
-                        min_enhancing_voxels: int = 0, threshold=0.5, t1c_z: np.ndarray | None = None):
+                        min_enhancing_voxels: int = 0, threshold=0.5, t1c_z: np.ndarray | None = None,
+                        refine_against_edema: bool = False):
     """Tumour masks of region probabilities (X, Y, Z, 3) thresholded at `threshold` (one
     for all regions or (WT, TC, ET)): none outside the boolean `brain`, small stray
     components dropped (`keep_main_components`, skipped when `keep_fraction` is 0), with
     `t1c_z` (the brain-z-scored T1c on the same grid) the enhancing boundary refined on it
-    (`refine_enhancing`, with the ET threshold), an enhancing region of fewer than
+    (`refine_enhancing`, with the ET threshold and `refine_against_edema` as its
+    `against_edema`), an enhancing region of fewer than
     `min_enhancing_voxels` made necrosis (`small_enhancing_to_necrosis`)."""
 
     masks = probs_to_masks(probs * brain[..., None], threshold)
     masks = keep_main_components(masks, keep_fraction) if keep_fraction > 0 else masks
-    masks = (refine_enhancing(masks, probs[..., 2], t1c_z, threshold=region_thresholds(threshold)[2])
+    masks = (refine_enhancing(masks, probs[..., 2], t1c_z, threshold=region_thresholds(threshold)[2],
+                              against_edema=refine_against_edema)
              if t1c_z is not None else masks)
     return small_enhancing_to_necrosis(masks, min_enhancing_voxels)
 
@@ -307,7 +310,8 @@ def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncert
         t1c_z = x[..., 0] if w.config.refine_enhancing else None  # the brain-z-scored T1c
         masks = probs_to_case_masks(probs, brain, w.config.keep_fraction,
                                     enhancing_voxels(w.config.min_enhancing_ml, spacing),
-                                    threshold=w.config.thresholds, t1c_z=t1c_z)
+                                    threshold=w.config.thresholds, t1c_z=t1c_z,
+                                    refine_against_edema=w.config.refine_against_edema)
         return masks, spread if uncertainty else None
     brain = brain_mask_from_images(t1c, flair) if brain_mask is None else np.asarray(brain_mask, bool)
     x = normalise(t1c, flair, brain)

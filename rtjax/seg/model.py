@@ -296,21 +296,28 @@ def _gaussian_log_likelihood(values: np.ndarray, sample: np.ndarray) -> np.ndarr
 
 
 def refine_enhancing(masks: TumourMasks, enhancing_prob: np.ndarray, t1c_z: np.ndarray,
-                     min_voxels: int = 50, threshold: float = 0.5) -> TumourMasks:
+                     min_voxels: int = 50, threshold: float = 0.5, against_edema: bool = False) -> TumourMasks:
     """The enhancing / necrosis boundary inside the core at the resolution of `t1c_z` (the
     brain-z-scored T1c on the masks' grid; the network works at 2 mm): a core voxel is
     enhancing when the network's log-odds of ET (`enhancing_prob`) minus those of
     `threshold` (the ET threshold: 0.5 adds nothing) plus the log-likelihood ratio of its
     T1c under two normals fitted to this case's own predicted enhancing and necrotic voxels
-    is positive. The core and the edema are unchanged; cases with fewer than `min_voxels`
-    voxels in either class are left as they are."""
+    is positive. `against_edema`: the non-enhancing side of that ratio is the likelier of
+    the necrosis normal and a third normal fitted to the case's predicted edema (when it
+    has `min_voxels`), so a core voxel is enhancing only where its T1c looks more like the
+    enhancing tumour than like either (a dark necrotic core alone would call anything
+    brighter than it enhancing). The core and the edema are unchanged; cases with fewer
+    than `min_voxels` voxels in the enhancing or the necrotic class are left as they are."""
     core, enhancing = masks.core, masks.enhancing
     necrosis = core & ~enhancing
     if enhancing.sum() < min_voxels or necrosis.sum() < min_voxels:
         return masks
     t = np.asarray(t1c_z, np.float32)[core]
     p = np.clip(np.asarray(enhancing_prob, np.float32)[core], 1e-4, 1 - 1e-4)
-    ratio = _gaussian_log_likelihood(t, t1c_z[enhancing]) - _gaussian_log_likelihood(t, t1c_z[necrosis])
+    not_enhancing = _gaussian_log_likelihood(t, t1c_z[necrosis])
+    if against_edema and masks.edema.sum() >= min_voxels:
+        not_enhancing = np.maximum(not_enhancing, _gaussian_log_likelihood(t, t1c_z[masks.edema]))
+    ratio = _gaussian_log_likelihood(t, t1c_z[enhancing]) - not_enhancing
     refined = np.zeros_like(core)
     refined[core] = _logit(p) - _logit(threshold) + ratio > 0
     return TumourMasks(necrosis=core & ~refined, enhancing=refined, edema=masks.edema)

@@ -98,8 +98,9 @@ class SliceTrainConfig:
             the ensemble (`weights/`: one member per view), the fold models beside them
             (`fold_weights/`), the cross-validation as their estimate; 0: export the fold
             models as the ensemble.
-        keep_fractions, min_enhancing_ml, refine_enhancing, core_thresholds,
-            enhancing_thresholds: post-processing candidates (`SliceModelConfig`); the
+        keep_fractions, min_enhancing_ml, refine_enhancing, refine_against_edema,
+            core_thresholds, enhancing_thresholds: post-processing candidates
+            (`SliceModelConfig`; `refine_against_edema` only with `refine_enhancing`); the
             combination with the best mean held-out Dice goes into the exported weights
             (chosen on the same held-out cases it is scored on: a small optimism; cv.json
             also gives the nested estimate, each fold scored with the combination chosen on
@@ -129,6 +130,7 @@ class SliceTrainConfig:
     keep_fractions: tuple[float, ...] = (0.2,)
     min_enhancing_ml: tuple[float, ...] = (0.0,)
     refine_enhancing: tuple[bool, ...] = (False,)
+    refine_against_edema: tuple[bool, ...] = (False,)
     core_thresholds: tuple[float, ...] = (0.5,)
     enhancing_thresholds: tuple[float, ...] = (0.5,)
 
@@ -576,6 +578,7 @@ class Postprocessing(NamedTuple):
     refine_enhancing: bool
     core_threshold: float = 0.5
     enhancing_threshold: float = 0.5
+    refine_against_edema: bool = False
 
     def label(self) -> str:
         return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else f'{v:g}'}"
@@ -583,16 +586,22 @@ class Postprocessing(NamedTuple):
 
 
 def postprocessing_candidates(t: SliceTrainConfig) -> list[Postprocessing]:
-    """Every combination of the config's post-processing candidates."""
-    return [Postprocessing(float(k), float(e), bool(r), float(c), float(h))
-            for k, e, r, c, h in itertools.product(t.keep_fractions, t.min_enhancing_ml, t.refine_enhancing,
-                                                   t.core_thresholds, t.enhancing_thresholds)]
+    """Every combination of the config's post-processing candidates, in order
+    (`refine_against_edema` only with `refine_enhancing`: without it, one candidate)."""
+    candidates = []
+    for k, e, r, c, h, a in itertools.product(t.keep_fractions, t.min_enhancing_ml, t.refine_enhancing,
+                                              t.core_thresholds, t.enhancing_thresholds, t.refine_against_edema):
+        candidate = Postprocessing(float(k), float(e), bool(r), float(c), float(h), bool(a) and bool(r))
+        if candidate not in candidates:
+            candidates.append(candidate)
+    return candidates
 
 
 def _postprocessed_regions(probs, brain, spacing, t1c_z, pp: Postprocessing):
     masks = probs_to_case_masks(probs, brain, pp.keep_fraction, enhancing_voxels(pp.min_enhancing_ml, spacing),
                                 threshold=(0.5, pp.core_threshold, pp.enhancing_threshold),
-                                t1c_z=t1c_z if pp.refine_enhancing else None)
+                                t1c_z=t1c_z if pp.refine_enhancing else None,
+                                refine_against_edema=pp.refine_against_edema)
     return masks_to_regions(masks) > 0.5
 
 
@@ -649,6 +658,7 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
             cases.append((case, fold, (probs, *per_view[0][1:])))
             log(f"held-out probabilities: {case.name} (fold {fold})")
     dice_rows = {c: [] for c in candidates}
+    refine_modes = list(dict.fromkeys((c.refine_enhancing, c.refine_against_edema) for c in candidates))
     for case, fold, (probs, brain, ref, spacing, t1c_z) in cases:
         # the whole tumour (threshold 0.5) is the same under every TC/ET threshold: its main
         # components are found once per keep_fraction, not once per candidate
@@ -658,12 +668,13 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
                   for core, enhancing in itertools.product(t.core_thresholds, t.enhancing_thresholds)}
         for (core, enhancing), keep in itertools.product(nested, t.keep_fractions):
             kept = restrict_masks(nested[core, enhancing], main[keep])
-            for refine in t.refine_enhancing:
-                refined = refine_enhancing(kept, probs[..., 2], t1c_z, threshold=enhancing) if refine else kept
+            for refine, against_edema in refine_modes:
+                refined = (refine_enhancing(kept, probs[..., 2], t1c_z, threshold=enhancing,
+                                            against_edema=against_edema) if refine else kept)
                 for et_ml in t.min_enhancing_ml:
                     masks = small_enhancing_to_necrosis(refined, enhancing_voxels(et_ml, spacing))
-                    dice_rows[Postprocessing(float(keep), float(et_ml), bool(refine), float(core),
-                                             float(enhancing))].append(
+                    dice_rows[Postprocessing(float(keep), float(et_ml), refine, float(core), float(enhancing),
+                                             against_edema)].append(
                         _score(masks_to_regions(masks) > 0.5, ref, spacing, False))
     choice = choose_postprocessing(dice_rows)
     nested = nested_estimate(dice_rows, [fold for _, fold, _ in cases])
@@ -808,6 +819,7 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
     more_choices = (f" x refine_enhancing {[bool(r) for r in t.refine_enhancing]}"
                       if len(t.refine_enhancing) > 1 else "")
     more_choices += "".join(f" x {name} {list(values)}" for name, values in (
+        ("refine_against_edema", [bool(a) for a in t.refine_against_edema]),
         ("core_threshold", t.core_thresholds), ("enhancing_threshold", t.enhancing_thresholds)) if len(values) > 1)
     threshold_rule = (f"; tumour core thresholded at {pp.get('core_threshold', 0.5):g} and enhancing tumour at "
                       f"{pp.get('enhancing_threshold', 0.5):g}"
@@ -815,13 +827,14 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
     nested = pp.get("nested_mean_dice")
     nested_text = (f" Scored with the post-processing chosen on the other folds instead (nested), the mean Dice is WT "
                    f"{nested['WT']:.3f}, TC {nested['TC']:.3f}, ET {nested['ET']:.3f}." if nested else "")
-    refine_rule = (", the enhancing boundary refined on the case's own T1c (`rtjax.seg.model.refine_enhancing`)"
+    refine_rule = (", the enhancing boundary refined on the case's own T1c (`rtjax.seg.model.refine_enhancing`"
+                   f"{', weighed against its necrosis and its edema' if pp.get('refine_against_edema') else ''})"
                    if pp.get("refine_enhancing") else "")
     et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
                if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
                "(the size rule did not raise the held-out Dice)")
     chosen_among = sum(len(c) > 1 for c in (t.keep_fractions, t.min_enhancing_ml, t.refine_enhancing,
-                                            t.core_thresholds, t.enhancing_thresholds))
+                                            t.refine_against_edema, t.core_thresholds, t.enhancing_thresholds))
     steps = summary["steps"]
     steps_text = (f"{steps[0]} steps per fold model" if len(set(steps)) == 1
                   else f"{'/'.join(str(s) for s in steps)} steps")

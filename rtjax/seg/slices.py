@@ -69,6 +69,8 @@ class SliceModelConfig:
             in all, mL, becomes necrosis (0: never).
         refine_enhancing: post-processing: the enhancing / necrosis boundary refined on the
             case's own T1c at its own resolution (`rtjax.seg.model.refine_enhancing`).
+        refine_against_edema: with `refine_enhancing`, the enhancing tumour's T1c is
+            weighed against the case's edema as well as its necrosis (`against_edema`).
         core_threshold, enhancing_threshold: probability thresholds of the tumour core (TC)
             and the enhancing tumour (ET; with `refine_enhancing`, its log-odds offset); the
             whole tumour's is 0.5.
@@ -84,6 +86,7 @@ class SliceModelConfig:
     keep_fraction: float = 0.2
     min_enhancing_ml: float = 0.0
     refine_enhancing: bool = False
+    refine_against_edema: bool = False
     core_threshold: float = 0.5
     enhancing_threshold: float = 0.5
     batch: int = 32
