@@ -15,7 +15,8 @@ from rtjax.cli import app
 from rtjax.config import read_yaml
 from rtjax.seg.cases import find_labelled_cases, prepare_case, robust_normalise
 from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks, segment_arrays
-from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, _loss, choose_postprocessing, fold_of,
+from rtjax.seg.postprocessing import choose_postprocessing
+from rtjax.seg.slice_train import (SliceSegConfig, SliceTrainConfig, _loss, fold_of,
                                    load_slice_config, paste_tumour, sample_batch, train_slices, warm_start_params,
                                    blur_slices, intensity_curves, CURVE_KNOTS, _augment,
                                    _random_curves, _train_view, make_train_step,
@@ -338,7 +339,7 @@ def test_refine_enhancing_against_edema_keeps_edema_like_core_voxels_out_of_the_
 
 
 def test_nested_estimate_scores_each_fold_with_the_choice_of_the_other_folds():
-    from rtjax.seg.slice_train import Postprocessing, nested_estimate, postprocessing_candidates
+    from rtjax.seg.postprocessing import Postprocessing, nested_estimate, postprocessing_candidates
 
     row = lambda d: {"dice_WT": d, "dice_TC": d, "dice_ET": d}
     a, b = Postprocessing(0.1, 0.0, False), Postprocessing(0.5, 0.0, True, 0.35, 0.4)
@@ -373,6 +374,39 @@ def test_warp_slices_rotates_a_quarter_turn_exactly_and_scales_about_the_centre(
     zoomed = np.asarray(warp_slices(x[:1], np.array([0.0]), np.array([2.0])))
     assert zoomed[0, 4, 4] == pytest.approx(x[0, 4, 4])  # the centre is fixed
     assert zoomed[0, 6, 4] == pytest.approx(x[0, 5, 4])  # 2 voxels out sample 1 voxel out
+
+
+def test_candidate_dice_equals_each_candidate_postprocessed_alone():
+    """The cross-validation's shared-steps scoring of every candidate gives exactly the Dice
+    of post-processing the case with each candidate on its own (`postprocessed_regions`)."""
+    from scipy import ndimage
+
+    from rtjax.seg.postprocessing import (candidate_dice, postprocessed_regions, postprocessing_candidates,
+                                          score_regions)
+
+    rng = np.random.default_rng(3)
+    shape = (28, 26, 24)
+    field = ndimage.gaussian_filter(rng.normal(size=shape + (3,)), (2, 2, 2, 0))
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radius = np.sqrt((grid ** 2).sum(0))
+    blob = np.stack([1 - radius, 0.7 - radius, 0.45 - radius], axis=-1) * 8 + field * 20
+    probs = (1 / (1 + np.exp(-blob))).astype(np.float32)
+    probs[3:6, 3:6, 3:6, 0] = 0.9  # a stray component
+    brain = radius < 1.3
+    ref = np.stack([radius < r for r in (0.9, 0.6, 0.6)], axis=-1)
+    ref[..., 2] &= radius > 0.3
+    t1c = (rng.normal(size=shape) + 2 * ref[..., 2]).astype(np.float32)
+    t = SliceTrainConfig(keep_fractions=(0.1, 0.5), min_enhancing_ml=(0.0, 0.05), refine_enhancing=(False, True),
+                         refine_against_edema=(False, True), core_thresholds=(0.5, 0.3),
+                         enhancing_thresholds=(0.5, 0.4))
+    candidates = postprocessing_candidates(t)
+    scored = candidate_dice(probs, brain, ref, (1.0, 1.0, 1.0), t1c, candidates)
+    assert list(scored) != [] and set(scored) == set(candidates)
+    for candidate in candidates:
+        alone = score_regions(postprocessed_regions(probs, brain, (1.0, 1.0, 1.0), t1c, candidate), ref,
+                              (1.0, 1.0, 1.0), False)
+        assert scored[candidate] == alone, candidate
+    assert len({tuple(row.values()) for row in scored.values()}) > 4  # the candidates differ here
 
 
 def test_postprocessing_choice_is_the_best_mean_dice_over_the_regions():

@@ -2,6 +2,7 @@
 
 * `rtjax.seg.slices`: the 2.5-D model (2-D U-Nets on axial, coronal and sagittal slices).
 * `rtjax.seg.slice_train`: its k-fold training on the real labelled cases (`rtjax.seg.cases`).
+* `rtjax.seg.postprocessing`: its post-processing candidates, chosen by held-out Dice.
 * `rtjax.seg.model`: the U-Net, input normalisation, region outputs -> tumour masks.
 * `rtjax.seg.synth`: synthetic training patients (FK tumour bank + pure-JAX MR renderer),
   `render_case` for whole synthetic cases.

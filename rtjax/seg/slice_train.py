@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,14 +32,14 @@ from flax import nnx
 
 from rtjax.config import from_dict, read_yaml, to_dict
 from rtjax.io import load_image, load_tumour_masks
-from rtjax.metrics import dice, hausdorff95
 from rtjax.ml import TrainCheckpoints, save_weights
 from rtjax.provenance import write_json_atomic
 from rtjax.seg.data import resolve_data_root
 from rtjax.seg.cases import cached_case, find_labelled_cases, robust_normalise
-from rtjax.seg.infer import enhancing_voxels, load_weights, probs_to_case_masks
-from rtjax.seg.model import (REGIONS, UNet, main_components, masks_to_regions, refine_enhancing, restrict_masks,
-                             small_enhancing_to_necrosis)
+from rtjax.seg.infer import load_weights
+from rtjax.seg.model import REGIONS, UNet, masks_to_regions
+from rtjax.seg.postprocessing import (candidate_dice, choose_postprocessing, nested_estimate, postprocessed_regions,
+                                      postprocessing_candidates, score_regions)
 from rtjax.seg.slices import (ARCHITECTURE, MODALITIES, VIEWS, SliceModelConfig, SliceWeights, context_slices,
                               make_ensemble, to_view)
 from rtjax.seg.synth import blur_axis
@@ -50,8 +48,7 @@ __all__ = ["SliceTrainConfig", "SliceSegConfig", "load_slice_config", "fold_of",
            "sample_batch",
            "paste_tumour",
            "blur_slices", "intensity_curves", "CURVE_KNOTS",
-           "make_train_step", "train_slices", "Postprocessing", "postprocessing_candidates",
-           "nested_estimate", "pack_finished_models", "unpack_finished_models", "cv_table"]
+           "make_train_step", "train_slices", "pack_finished_models", "unpack_finished_models", "cv_table"]
 
 
 @dataclass(frozen=True)
@@ -570,71 +567,6 @@ def _held_out_probabilities(weights: SliceWeights, case, path: Path):
     return probs, brain, masks_to_regions(masks) > 0.5, t1c.spacing, robust_normalise(t1c.data, brain)
 
 
-class Postprocessing(NamedTuple):
-    """One post-processing candidate (the `SliceModelConfig` fields of the same names)."""
-
-    keep_fraction: float
-    min_enhancing_ml: float
-    refine_enhancing: bool
-    core_threshold: float = 0.5
-    enhancing_threshold: float = 0.5
-    refine_against_edema: bool = False
-
-    def label(self) -> str:
-        return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else f'{v:g}'}"
-                        for k, v in self._asdict().items())
-
-
-def postprocessing_candidates(t: SliceTrainConfig) -> list[Postprocessing]:
-    """Every combination of the config's post-processing candidates, in order
-    (`refine_against_edema` only with `refine_enhancing`: without it, one candidate)."""
-    candidates = []
-    for k, e, r, c, h, a in itertools.product(t.keep_fractions, t.min_enhancing_ml, t.refine_enhancing,
-                                              t.core_thresholds, t.enhancing_thresholds, t.refine_against_edema):
-        candidate = Postprocessing(float(k), float(e), bool(r), float(c), float(h), bool(a) and bool(r))
-        if candidate not in candidates:
-            candidates.append(candidate)
-    return candidates
-
-
-def _postprocessed_regions(probs, brain, spacing, t1c_z, pp: Postprocessing):
-    masks = probs_to_case_masks(probs, brain, pp.keep_fraction, enhancing_voxels(pp.min_enhancing_ml, spacing),
-                                threshold=(0.5, pp.core_threshold, pp.enhancing_threshold),
-                                t1c_z=t1c_z if pp.refine_enhancing else None,
-                                refine_against_edema=pp.refine_against_edema)
-    return masks_to_regions(masks) > 0.5
-
-
-def _score(got, ref, spacing, with_hd95: bool = True) -> dict:
-    """Dice (and HD95, mm) per region of boolean (X, Y, Z, 3) region masks."""
-    row = {}
-    for i, region in enumerate(REGIONS):
-        row[f"dice_{region}"] = dice(got[..., i], ref[..., i])
-        if with_hd95:
-            row[f"hd95_{region}"] = hausdorff95(got[..., i], ref[..., i], spacing)
-    return row
-
-
-def choose_postprocessing(dice_rows: dict[tuple, list[dict]]) -> tuple:
-    """The post-processing candidate (a `Postprocessing` or any key) whose held-out cases
-    have the highest mean Dice over WT, TC and ET; ties go to the first candidate."""
-    def mean_dice(rows):
-        return float(np.mean([[r[f"dice_{region}"] for region in REGIONS] for r in rows]))
-    return max(dice_rows, key=lambda k: mean_dice(dice_rows[k]))
-
-
-def nested_estimate(dice_rows: dict[tuple, list[dict]], folds: list[int]) -> dict[str, float]:
-    """Mean held-out Dice per region when each fold's cases are scored with the candidate
-    `choose_postprocessing` picks on the other folds' cases (`folds[i]`: the fold of the
-    i-th row of every candidate): the choice's optimism removed."""
-    scores = []
-    for fold in sorted(set(folds)):
-        others = {c: [r for r, f in zip(rows, folds) if f != fold] for c, rows in dice_rows.items()}
-        chosen = choose_postprocessing(others)
-        scores += [r for r, f in zip(dice_rows[chosen], folds) if f == fold]
-    return {region: float(np.mean([r[f"dice_{region}"] for r in scores])) for region in REGIONS}
-
-
 def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, ensemble_def, workdir: Path, log):
     """Score every held-out case with its fold's models (the mean of their probabilities
     over the views) under each post-processing candidate (Dice), choose the best by mean
@@ -658,30 +590,15 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
             cases.append((case, fold, (probs, *per_view[0][1:])))
             log(f"held-out probabilities: {case.name} (fold {fold})")
     dice_rows = {c: [] for c in candidates}
-    refine_modes = list(dict.fromkeys((c.refine_enhancing, c.refine_against_edema) for c in candidates))
     for case, fold, (probs, brain, ref, spacing, t1c_z) in cases:
-        # the whole tumour (threshold 0.5) is the same under every TC/ET threshold: its main
-        # components are found once per keep_fraction, not once per candidate
-        whole = probs_to_case_masks(probs, brain, 0.0).whole
-        main = {keep: main_components(whole, keep) if keep > 0 else whole for keep in t.keep_fractions}
-        nested = {(core, enhancing): probs_to_case_masks(probs, brain, 0.0, threshold=(0.5, core, enhancing))
-                  for core, enhancing in itertools.product(t.core_thresholds, t.enhancing_thresholds)}
-        for (core, enhancing), keep in itertools.product(nested, t.keep_fractions):
-            kept = restrict_masks(nested[core, enhancing], main[keep])
-            for refine, against_edema in refine_modes:
-                refined = (refine_enhancing(kept, probs[..., 2], t1c_z, threshold=enhancing,
-                                            against_edema=against_edema) if refine else kept)
-                for et_ml in t.min_enhancing_ml:
-                    masks = small_enhancing_to_necrosis(refined, enhancing_voxels(et_ml, spacing))
-                    dice_rows[Postprocessing(float(keep), float(et_ml), refine, float(core), float(enhancing),
-                                             against_edema)].append(
-                        _score(masks_to_regions(masks) > 0.5, ref, spacing, False))
+        for candidate, row in candidate_dice(probs, brain, ref, spacing, t1c_z, candidates).items():
+            dice_rows[candidate].append(row)
     choice = choose_postprocessing(dice_rows)
     nested = nested_estimate(dice_rows, [fold for _, fold, _ in cases])
     rows = []
     for case, fold, (probs, brain, ref, spacing, t1c_z) in cases:
-        got = _postprocessed_regions(probs, brain, spacing, t1c_z, choice)
-        rows.append({"case": case.name, **_score(got, ref, spacing), "fold": fold})
+        got = postprocessed_regions(probs, brain, spacing, t1c_z, choice)
+        rows.append({"case": case.name, **score_regions(got, ref, spacing), "fold": fold})
         log(json.dumps(rows[-1]))
     tuning = {c.label(): {region: float(np.mean([row[f"dice_{region}"] for row in dice_rows[c]]))
                           for region in REGIONS}
