@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from rtjax.experiments.seg_probes import (grid_round_trip, missed_rows, reference_contrast, subset_dice,
-                                         threshold_rows)
+from rtjax.experiments.seg_probes import (case_postprocessing_row, grid_round_trip, missed_rows, reference_contrast,
+                                         subset_dice, threshold_rows)
 from rtjax.labels import TumourMasks
 from rtjax.metrics import dice
+from rtjax.seg.postprocessing import Postprocessing
 
 
 def _case():
@@ -69,3 +70,23 @@ def test_reference_contrast_compares_the_reference_et_with_the_healthy_brain():
     assert reference_contrast(z, brain, masks) == {"enhancing_z": 1.5, "healthy_z": 6.0}  # 4 .. 8
     empty = TumourMasks(necrosis=region(), enhancing=region(), edema=region())
     assert np.isnan(reference_contrast(z, brain, empty)["enhancing_z"])
+
+
+def test_case_postprocessing_row_gives_the_enhancing_volume_and_dice_of_each_candidate():
+    """Ten 2 x 1 x 1 mm voxels (0.002 mL): the network gives 0.9 to WT on 0-7, TC on 0-5 and
+    ET on 0-2; the reference has ET 0-3, necrosis 4-5, edema 6-7. At the default thresholds
+    3 voxels are called enhancing (Dice ET 6/7); at an ET threshold of 0.95 none."""
+    x = np.arange(10).reshape(10, 1, 1)
+    probs = np.stack([(x < 8), (x < 6), (x < 3)], axis=-1).astype(np.float32) * 0.9
+    region = lambda lo, hi: (x >= lo) & (x < hi)
+    masks = TumourMasks(necrosis=region(4, 6), enhancing=region(0, 4), edema=region(6, 8))
+    default, strict = Postprocessing(0.1, 0.0, False), Postprocessing(0.1, 0.0, False, 0.5, 0.95)
+    row = case_postprocessing_row(probs, np.ones(x.shape, bool), masks, (2.0, 1.0, 1.0), np.zeros(x.shape),
+                                  [default, strict])
+    assert row["reference_et_ml"] == pytest.approx(0.008)
+    assert row[default.label()] == pytest.approx({"et_ml": 0.006, "dice_WT": 1.0, "dice_TC": 1.0, "dice_ET": 6 / 7})
+    assert row[strict.label()]["et_ml"] == 0.0 and row[strict.label()]["dice_ET"] == 0.0
+    # a candidate read back from a cv.json "postprocessing" (other keys ignored, absent fields default)
+    assert Postprocessing.of({"keep_fraction": 0.1, "min_enhancing_ml": 0.0, "refine_enhancing": False,
+                              "enhancing_threshold": 0.95, "mean_dice": {}}) == strict
+    assert strict.thresholds == (0.5, 0.5, 0.95)

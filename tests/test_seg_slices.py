@@ -360,6 +360,8 @@ def test_nested_estimate_scores_each_fold_with_the_choice_of_the_other_folds():
     assert not any(c.refine_against_edema and not c.refine_enhancing for c in candidates)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         SliceModelConfig(core_threshold=1.0)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):  # candidates too, before any training
+        SliceSegConfig(train=SliceTrainConfig(core_thresholds=(0.3, 1.0)))
     assert SliceModelConfig(core_threshold=0.3).thresholds == (0.5, 0.3, 0.5)
 
 

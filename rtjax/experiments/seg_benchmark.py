@@ -34,6 +34,18 @@ TRAIN_RECIPES = (
 )
 
 
+def _seconds_per_step(advance, state, repeats: int) -> float:
+    """Mean seconds of `state = advance(state, i)` over `repeats` calls after one that
+    compiles (`i`: the call's index, for a fresh random key)."""
+    state = advance(state, 0)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(repeats):
+        state = advance(state, i + 1)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / repeats
+
+
 def train_step_seconds(cfg: UNetConfig, shape: tuple[int, ...], repeats: int = 3) -> float:
     """Seconds of one jitted Adam step of `UNet(cfg)` on a batch of `shape` (after compiling)."""
     graphdef, params = nnx.split(UNet(cfg, rngs=nnx.Rngs(0)))
@@ -48,14 +60,7 @@ def train_step_seconds(cfg: UNetConfig, shape: tuple[int, ...], repeats: int = 3
 
     x = jax.random.normal(jax.random.key(0), shape)
     y = jnp.zeros(shape[:-1] + (3,))
-    state = (params, tx.init(params))
-    state = step(*state, x, y)[:2]
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        state = step(*state, x, y)[:2]
-    jax.block_until_ready(state)
-    return (time.perf_counter() - start) / repeats
+    return _seconds_per_step(lambda state, i: step(*state, x, y)[:2], (params, tx.init(params)), repeats)
 
 
 def trained_step_seconds(cfg: SliceSegConfig, repeats: int = 3) -> float:
@@ -68,13 +73,8 @@ def trained_step_seconds(cfg: SliceSegConfig, repeats: int = 3) -> float:
     kx, ky = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (t.batch, t.crop, t.crop, channels))
     y = (jax.random.uniform(ky, (t.batch, t.crop, t.crop, 3)) < 0.2).astype(jnp.float32)
-    state = step(params, tx.init(params), jax.random.key(1), x, y)[:2]
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for i in range(repeats):
-        state = step(*state, jax.random.key(2 + i), x, y)[:2]
-    jax.block_until_ready(state)
-    return (time.perf_counter() - start) / repeats
+    return _seconds_per_step(lambda state, i: step(*state, jax.random.key(1 + i), x, y)[:2],
+                             (params, tx.init(params)), repeats)
 
 
 def training_rows(repeats: int = 3, trained_config=None) -> list[dict]:

@@ -12,6 +12,10 @@ thresholded at half a working voxel (hard) or the share of each working voxel (s
 `contrast_rows(workdir, root)`: the T1c brain z-score of each case's reference enhancing
 tumour against its healthy brain (`reference_contrast`): where the reference ET is no
 brighter than healthy brain, no model reading the T1c finds it.
+`postprocessing_rows(workdir, root, candidates)`: per case, the reference enhancing
+tumour's volume and, under each post-processing candidate, the volume called enhancing and
+the Dice per region of the mean of the views' cached held-out probabilities (as
+`rtjax train-seg` scores them; `case_postprocessing_row` for one case).
 `bias_rows(demo_dir)`: the shipped network's Dice on the demo patient rendered with bias
 fields of other strengths (`rtjax.seg.synth.RenderConfig.bias`), from a `rtjax demo` folder.
 """
@@ -28,13 +32,15 @@ from rtjax.io import load_image, load_tumour_masks
 from rtjax.metrics import dice
 from rtjax.seg.cases import find_labelled_cases, robust_normalise
 from rtjax.seg.grid import resample_to_shape, working_shape
-from rtjax.seg.infer import probs_to_case_masks, segment_arrays
+from rtjax.seg.infer import apply_postprocessing, probs_to_case_masks, segment_arrays
 from rtjax.seg.model import REGIONS, masks_to_regions
+from rtjax.seg.postprocessing import Postprocessing, score_regions
 from rtjax.seg.slice_train import cv_probs_name
+from rtjax.seg.slices import VIEWS
 from rtjax.seg.synth import render_case
 from rtjax.simulate import load_tissue
 
-__all__ = ["bias_rows", "contrast_rows", "reference_contrast", "grid_round_trip", "held_out_cases", "missed_rows", "resolution_ceiling_rows", "subset_dice",
+__all__ = ["bias_rows", "case_postprocessing_row", "contrast_rows", "postprocessing_rows", "reference_contrast", "grid_round_trip", "held_out_cases", "missed_rows", "resolution_ceiling_rows", "subset_dice",
            "threshold_rows", "view_rows"]
 
 
@@ -98,19 +104,54 @@ def subset_dice(probs_by_view: dict, brain, ref, subsets, keep_fraction: float =
     return out
 
 
-def view_rows(workdir, root, subsets, keep_fraction: float = 0.5) -> list[dict]:
-    """Mean held-out Dice per region of each subset of views (tuples of `VIEWS` names),
-    over the cases with cached probabilities for every view used."""
-    views = sorted({v for subset in subsets for v in subset})
-    scores = {subset: [] for subset in subsets}
+def _held_out_views(workdir, root, views):
+    """(case, {view: held-out probabilities (X, Y, Z, 3)}, brain, reference `TumourMasks`) of
+    every labelled case under `root` with cached probabilities of every one of `views`."""
     for i, case in enumerate(find_labelled_cases(root)):
         cached = {v: _cached_probs(workdir, i, v) for v in views}
         if any(c is None for c in cached.values()):
             continue
         masks, _ = load_tumour_masks(case.labels, case.convention)
-        brain = next(iter(cached.values()))[1]
-        got = subset_dice({v: c[0] for v, c in cached.items()}, brain, masks_to_regions(masks) > 0.5, subsets,
-                          keep_fraction)
+        yield case, {v: c[0] for v, c in cached.items()}, next(iter(cached.values()))[1], masks
+
+
+def case_postprocessing_row(probs, brain, masks, spacing, t1c_z, candidates) -> dict:
+    """One case's reference ET volume (mL) and, per `Postprocessing` candidate (keyed by its
+    label), the volume called enhancing (mL) and the Dice per region: region probabilities
+    (X, Y, Z, 3), boolean brain, reference `TumourMasks`, voxel size (mm) and the
+    brain-z-scored T1c on the same grid."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    ref = masks_to_regions(masks) > 0.5
+    row = {"reference_et_ml": float(masks.enhancing.sum()) * voxel_ml}
+    for candidate in candidates:
+        got = apply_postprocessing(probs, brain, spacing, t1c_z, candidate)
+        row[candidate.label()] = {"et_ml": float(got.enhancing.sum()) * voxel_ml,
+                                  **score_regions(masks_to_regions(got) > 0.5, ref, spacing, False)}
+    return row
+
+
+def postprocessing_rows(workdir, root, candidates: list[Postprocessing], views=VIEWS) -> list[dict]:
+    """`case_postprocessing_row` of every labelled case under `root` with cached held-out
+    probabilities of every one of `views` in `workdir`, on the mean of the views (as
+    `rtjax train-seg` scores them), named by "case"."""
+    rows = []
+    for case, probs_by_view, brain, masks in _held_out_views(workdir, root, views):
+        t1c = load_image(case.t1c)
+        probs = np.mean(list(probs_by_view.values()), axis=0)
+        rows.append({"case": case.name, **case_postprocessing_row(probs, brain, masks, t1c.spacing,
+                                                                  robust_normalise(t1c.data, brain), candidates)})
+    if not rows:
+        raise FileNotFoundError(f"{workdir}: no case has cached probabilities for every view of {list(views)}")
+    return rows
+
+
+def view_rows(workdir, root, subsets, keep_fraction: float = 0.5) -> list[dict]:
+    """Mean held-out Dice per region of each subset of views (tuples of `VIEWS` names),
+    over the cases with cached probabilities for every view used."""
+    views = sorted({v for subset in subsets for v in subset})
+    scores = {subset: [] for subset in subsets}
+    for _, probs_by_view, brain, masks in _held_out_views(workdir, root, views):
+        got = subset_dice(probs_by_view, brain, masks_to_regions(masks) > 0.5, subsets, keep_fraction)
         for subset, row in got.items():
             scores[subset].append(row)
     if not scores[subsets[0]]:

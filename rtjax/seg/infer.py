@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from rtjax.io import load_case, save_image
-from rtjax.labels import combine_labels, get_convention
+from rtjax.labels import TumourMasks, combine_labels, get_convention
 from rtjax.ml import read_weights_config, restore_params
 from rtjax.seg.cases import normalise_pair
 from rtjax.seg.config import SegConfig, config_from_dict
@@ -62,6 +62,7 @@ __all__ = [
     "resample_to_shape",
     "predict_regions",
     "probs_to_case_masks",
+    "apply_postprocessing",
     "enhancing_voxels",
     "segment_arrays",
     "segment_case",
@@ -288,6 +289,17 @@ def probs_to_case_masks(probs: np.ndarray, brain: np.ndarray, keep_fraction: flo
     return small_enhancing_to_necrosis(masks, min_enhancing_voxels)
 
 
+def apply_postprocessing(probs: np.ndarray, brain: np.ndarray, spacing, t1c_z: np.ndarray, pp) -> TumourMasks:
+    """Tumour masks of region probabilities (X, Y, Z, 3) under the 2.5-D post-processing
+    `pp` (a `SliceModelConfig` or a `rtjax.seg.postprocessing.Postprocessing`: its
+    `keep_fraction`, `min_enhancing_ml` (mL, on a grid of voxel size `spacing` mm),
+    `thresholds`, `refine_enhancing` on the brain-z-scored T1c `t1c_z` and
+    `refine_against_edema`), as `probs_to_case_masks` draws them."""
+    return probs_to_case_masks(probs, brain, pp.keep_fraction, enhancing_voxels(pp.min_enhancing_ml, spacing),
+                               threshold=pp.thresholds, t1c_z=t1c_z if pp.refine_enhancing else None,
+                               refine_against_edema=pp.refine_against_edema)
+
+
 def enhancing_voxels(min_enhancing_ml: float, spacing) -> int:
     """Voxels of `min_enhancing_ml` mL on a grid of voxel size `spacing` mm."""
     return int(np.ceil(min_enhancing_ml * 1000.0 / float(np.prod(spacing))))
@@ -307,11 +319,7 @@ def segment_arrays(t1c, flair, spacing, *, brain_mask=None, weights=None, uncert
     if isinstance(w, SliceWeights):
         x, brain = normalise_pair(t1c, flair, brain_mask)
         probs, spread = w.normalised_probabilities(x, spacing, tta=w.config.tta if tta is None else bool(tta))
-        t1c_z = x[..., 0] if w.config.refine_enhancing else None  # the brain-z-scored T1c
-        masks = probs_to_case_masks(probs, brain, w.config.keep_fraction,
-                                    enhancing_voxels(w.config.min_enhancing_ml, spacing),
-                                    threshold=w.config.thresholds, t1c_z=t1c_z,
-                                    refine_against_edema=w.config.refine_against_edema)
+        masks = apply_postprocessing(probs, brain, spacing, x[..., 0], w.config)  # x[..., 0]: the z-scored T1c
         return masks, spread if uncertainty else None
     brain = brain_mask_from_images(t1c, flair) if brain_mask is None else np.asarray(brain_mask, bool)
     x = normalise(t1c, flair, brain)

@@ -4,7 +4,8 @@ A `Postprocessing` is one candidate (the `SliceModelConfig` fields of the same n
 whole-tumour components kept (`keep_fraction`), the tumour-core and enhancing thresholds,
 the enhancing boundary refined on the case's own T1c (`refine_enhancing`,
 `refine_against_edema`) and small enhancing regions made necrosis (`min_enhancing_ml`).
-`postprocessing_candidates(train_config)` lists a config's grid, `candidate_dice` scores
+`candidate_grid(train_config)` gives a config's candidate values per field,
+`postprocessing_candidates(train_config)` their combinations, `candidate_dice` scores
 every candidate on one held-out case, `choose_postprocessing` picks the best by mean Dice,
 and `nested_estimate` scores each fold with the choice made on the other folds.
 """
@@ -17,11 +18,11 @@ from typing import NamedTuple
 import numpy as np
 
 from rtjax.metrics import dice, hausdorff95
-from rtjax.seg.infer import enhancing_voxels, probs_to_case_masks
+from rtjax.seg.infer import apply_postprocessing, enhancing_voxels, probs_to_case_masks
 from rtjax.seg.model import (REGIONS, main_components, masks_to_regions, refine_enhancing, restrict_masks,
                              small_enhancing_to_necrosis)
 
-__all__ = ["Postprocessing", "postprocessing_candidates", "postprocessed_regions", "score_regions",
+__all__ = ["Postprocessing", "candidate_grid", "postprocessing_candidates", "postprocessed_regions", "score_regions",
            "candidate_dice", "choose_postprocessing", "nested_estimate"]
 
 
@@ -35,34 +36,45 @@ class Postprocessing(NamedTuple):
     enhancing_threshold: float = 0.5
     refine_against_edema: bool = False
 
+    @classmethod
+    def of(cls, fields) -> Postprocessing:
+        """The candidate of the fields of the same names in the mapping `fields` (a
+        `cv.json` "postprocessing", a weights config's "model"); absent ones default."""
+        return cls(**{name: fields[name] for name in cls._fields if name in fields})
+
+    @property
+    def thresholds(self) -> tuple[float, float, float]:
+        """Probability thresholds of WT, TC and ET (as `SliceModelConfig.thresholds`)."""
+        return (0.5, self.core_threshold, self.enhancing_threshold)
+
     def label(self) -> str:
         return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else f'{v:g}'}"
                         for k, v in self._asdict().items())
 
 
+def candidate_grid(train) -> dict[str, list]:
+    """{`Postprocessing` field: its candidate values} of `train` (a `SliceTrainConfig`:
+    `keep_fractions`, `min_enhancing_ml`, `refine_enhancing`, `core_thresholds`,
+    `enhancing_thresholds`, `refine_against_edema`), in the order of the fields."""
+    return {"keep_fraction": [float(v) for v in train.keep_fractions],
+            "min_enhancing_ml": [float(v) for v in train.min_enhancing_ml],
+            "refine_enhancing": [bool(v) for v in train.refine_enhancing],
+            "core_threshold": [float(v) for v in train.core_thresholds],
+            "enhancing_threshold": [float(v) for v in train.enhancing_thresholds],
+            "refine_against_edema": [bool(v) for v in train.refine_against_edema]}
+
+
 def postprocessing_candidates(train) -> list[Postprocessing]:
-    """Every combination of the post-processing candidates of `train` (a
-    `SliceTrainConfig`: its `keep_fractions`, `min_enhancing_ml`, `refine_enhancing`,
-    `core_thresholds`, `enhancing_thresholds`, `refine_against_edema`), in order;
-    `refine_against_edema` only with `refine_enhancing` (without it, one candidate)."""
-    candidates = []
-    for k, e, r, c, h, a in itertools.product(train.keep_fractions, train.min_enhancing_ml, train.refine_enhancing,
-                                              train.core_thresholds, train.enhancing_thresholds,
-                                              train.refine_against_edema):
-        candidate = Postprocessing(float(k), float(e), bool(r), float(c), float(h), bool(a) and bool(r))
-        if candidate not in candidates:
-            candidates.append(candidate)
-    return candidates
+    """Every combination of `candidate_grid(train)`, in order; `refine_against_edema` only
+    with `refine_enhancing` (without it, one candidate)."""
+    return list(dict.fromkeys(Postprocessing(k, e, r, c, h, a and r)
+                              for k, e, r, c, h, a in itertools.product(*candidate_grid(train).values())))
 
 
 def postprocessed_regions(probs, brain, spacing, t1c_z, pp: Postprocessing) -> np.ndarray:
     """Boolean (X, Y, Z, 3) WT/TC/ET of region probabilities (X, Y, Z, 3) under `pp`
     (`brain`: boolean; `spacing`: mm; `t1c_z`: the brain-z-scored T1c on the same grid)."""
-    masks = probs_to_case_masks(probs, brain, pp.keep_fraction, enhancing_voxels(pp.min_enhancing_ml, spacing),
-                                threshold=(0.5, pp.core_threshold, pp.enhancing_threshold),
-                                t1c_z=t1c_z if pp.refine_enhancing else None,
-                                refine_against_edema=pp.refine_against_edema)
-    return masks_to_regions(masks) > 0.5
+    return masks_to_regions(apply_postprocessing(probs, brain, spacing, t1c_z, pp)) > 0.5
 
 
 def score_regions(got, ref, spacing, with_hd95: bool = True) -> dict:
@@ -88,15 +100,16 @@ def candidate_dice(probs, brain, ref, spacing, t1c_z, candidates: list[Postproce
     out = {}
     for core, enhancing in itertools.product(values("core_threshold"), values("enhancing_threshold")):
         nested = probs_to_case_masks(probs, brain, 0.0, threshold=(0.5, core, enhancing))
-        for keep, (refine, against_edema) in itertools.product(main, refine_modes):
-            kept = restrict_masks(nested, main[keep])
-            refined = (refine_enhancing(kept, probs[..., 2], t1c_z, threshold=enhancing, against_edema=against_edema)
-                       if refine else kept)
-            for et_ml in values("min_enhancing_ml"):
-                candidate = Postprocessing(keep, et_ml, refine, core, enhancing, against_edema)
-                if candidate in wanted:
-                    masks = small_enhancing_to_necrosis(refined, enhancing_voxels(et_ml, spacing))
-                    out[candidate] = score_regions(masks_to_regions(masks) > 0.5, ref, spacing, False)
+        for keep, inside in main.items():
+            kept = restrict_masks(nested, inside)
+            for refine, against_edema in refine_modes:
+                refined = (refine_enhancing(kept, probs[..., 2], t1c_z, threshold=enhancing,
+                                            against_edema=against_edema) if refine else kept)
+                for et_ml in values("min_enhancing_ml"):
+                    candidate = Postprocessing(keep, et_ml, refine, core, enhancing, against_edema)
+                    if candidate in wanted:
+                        masks = small_enhancing_to_necrosis(refined, enhancing_voxels(et_ml, spacing))
+                        out[candidate] = score_regions(masks_to_regions(masks) > 0.5, ref, spacing, False)
     return out
 
 

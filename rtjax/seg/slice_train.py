@@ -38,8 +38,8 @@ from rtjax.seg.data import resolve_data_root
 from rtjax.seg.cases import cached_case, find_labelled_cases, robust_normalise
 from rtjax.seg.infer import load_weights
 from rtjax.seg.model import REGIONS, UNet, masks_to_regions
-from rtjax.seg.postprocessing import (candidate_dice, choose_postprocessing, nested_estimate, postprocessed_regions,
-                                      postprocessing_candidates, score_regions)
+from rtjax.seg.postprocessing import (candidate_dice, candidate_grid, choose_postprocessing, nested_estimate,
+                                      postprocessed_regions, postprocessing_candidates, score_regions)
 from rtjax.seg.slices import (ARCHITECTURE, MODALITIES, VIEWS, SliceModelConfig, SliceWeights, context_slices,
                               make_ensemble, to_view)
 from rtjax.seg.synth import blur_axis
@@ -146,6 +146,11 @@ class SliceSegConfig:
             raise ValueError(f"architecture must be {ARCHITECTURE!r}")
         if self.train.crop % self.model.unet.divisor:
             raise ValueError(f"train.crop must be a multiple of {self.model.unet.divisor}")
+        thresholds = (*self.train.core_thresholds, *self.train.enhancing_thresholds)
+        if not all(0 < v < 1 for v in thresholds):
+            raise ValueError(f"train.core_thresholds and train.enhancing_thresholds must lie strictly between 0 "
+                             f"and 1, got {list(self.train.core_thresholds)} and "
+                             f"{list(self.train.enhancing_thresholds)}")
         weights = self.train.region_weights
         if len(weights) != len(REGIONS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"train.region_weights must be {len(REGIONS)} weights >= 0 ({', '.join(REGIONS)}) "
@@ -571,8 +576,8 @@ def _cross_validate(cfg: SliceSegConfig, found, fold_params: dict, steps: dict, 
     """Score every held-out case with its fold's models (the mean of their probabilities
     over the views) under each post-processing candidate (Dice), choose the best by mean
     Dice, then score that choice with HD95 too. Returns (rows of the chosen
-    post-processing, {candidate: mean Dice per region}, the choice). `fold_params`, `steps`:
-    per (view, fold)."""
+    post-processing, {candidate label: mean Dice per region}, the choice, the nested
+    estimate (`nested_estimate`)). `fold_params`, `steps`: per (view, fold)."""
     t = cfg.train
     candidates = postprocessing_candidates(t)
     tta = "_tta" if cfg.model.tta else ""
@@ -733,11 +738,8 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
                    "run's `fold_weights/`.")
     else:
         shipped = f"The members are the fold models{' of every view' if len(m.views) > 1 else ''}."
-    more_choices = (f" x refine_enhancing {[bool(r) for r in t.refine_enhancing]}"
-                      if len(t.refine_enhancing) > 1 else "")
-    more_choices += "".join(f" x {name} {list(values)}" for name, values in (
-        ("refine_against_edema", [bool(a) for a in t.refine_against_edema]),
-        ("core_threshold", t.core_thresholds), ("enhancing_threshold", t.enhancing_thresholds)) if len(values) > 1)
+    grid = candidate_grid(t)
+    more_choices = "".join(f" x {name} {values}" for name, values in list(grid.items())[2:] if len(values) > 1)
     threshold_rule = (f"; tumour core thresholded at {pp.get('core_threshold', 0.5):g} and enhancing tumour at "
                       f"{pp.get('enhancing_threshold', 0.5):g}"
                       if (pp.get("core_threshold", 0.5), pp.get("enhancing_threshold", 0.5)) != (0.5, 0.5) else "")
@@ -750,8 +752,7 @@ def model_card(cfg: SliceSegConfig, summary: dict, cases: list[str]) -> str:
     et_rule = (f"an enhancing region below {pp['min_enhancing_ml']:g} mL in all made necrosis"
                if pp["min_enhancing_ml"] > 0 else "enhancing regions kept whatever their size "
                "(the size rule did not raise the held-out Dice)")
-    chosen_among = sum(len(c) > 1 for c in (t.keep_fractions, t.min_enhancing_ml, t.refine_enhancing,
-                                            t.refine_against_edema, t.core_thresholds, t.enhancing_thresholds))
+    chosen_among = sum(len(values) > 1 for values in grid.values())
     steps = summary["steps"]
     steps_text = (f"{steps[0]} steps per fold model" if len(set(steps)) == 1
                   else f"{'/'.join(str(s) for s in steps)} steps")
@@ -767,7 +768,7 @@ widths {list(m.unet.widths)}, {m.unet.norm} norm) on {views} slices at {m.spacin
 {m.context} neighbouring slices on each side as channels (T1c + FLAIR, {m.unet.in_channels}
 channels), predicting the nested regions WT, TC, ET (sigmoids); members averaged and
 thresholded at 0.5{' (the whole tumour; the other thresholds below)' if threshold_rule else ''}. Post-processing, chosen by held-out Dice among
-keep_fraction {list(t.keep_fractions)} x min_enhancing_ml {list(t.min_enhancing_ml)}{more_choices}:
+keep_fraction {grid['keep_fraction']} x min_enhancing_ml {grid['min_enhancing_ml']}{more_choices}:
 whole-tumour components below {pp['keep_fraction']:g} of the largest dropped{refine_rule}, {et_rule}{threshold_rule}.
 Config: `config.yaml` (`architecture: slices`).
 
